@@ -19,3 +19,7 @@ class DataError(PyroLadderError, ValueError):
 
 class CheckpointError(PyroLadderError, ValueError):
     """A checkpoint is missing, truncated, corrupted, or not one of ours."""
+
+
+class TrainingError(PyroLadderError, RuntimeError):
+    """Training cannot go on (a NaN or infinite loss); the message names the step."""

@@ -1,0 +1,30 @@
+"""Small helpers shared by the modules (not part of the public API)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+
+
+def modules_of(*fns) -> list[nn.Module]:
+    """The ``nn.Module`` instances behind bound methods such as ``vae.model``."""
+    owners = [getattr(fn, "__self__", fn) for fn in fns]
+    unique = []
+    for m in owners:
+        if isinstance(m, nn.Module) and all(m is not u for u in unique):
+            unique.append(m)
+    return unique
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module):
+    """``module.eval()`` inside the block; each module's previous mode restored after."""
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)

@@ -1,0 +1,342 @@
+"""``pyro-ladder train | evaluate``: the command line turns options into a config and calls
+the library. Bad input ends with one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+from . import __version__
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import INFERENCES, LIKELIHOODS, PRESETS, preset
+from .data import DATASETS, binarize, load_dataset
+from .elbo import ESTIMATORS, describe_estimators
+from .errors import ConfigError, PyroLadderError
+from .evaluate import evaluate
+from .plots import image_grid, save_figure, training_curves
+from .train import fit
+from .vae import LadderVAE
+
+RUN_FILES = ("checkpoint.pt", "metrics.json", "history.csv")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pyro-ladder`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except PyroLadderError as err:
+        print(f"pyro-ladder: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pyro-ladder: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyro-ladder",
+        description="Ladder VAEs in Pyro. Log-likelihoods are log p(x) in nats per example "
+        "(negative numbers; higher is better).",
+    )
+    parser.add_argument("--version", action="version", version=f"pyro_ladder {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+def _add_train(sub):
+    p = sub.add_parser(
+        "train",
+        help="train a model, evaluate it on the test set, write its outputs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a hierarchical VAE with SVI, then estimate the test log-likelihood "
+        "log p(x) (nats per example, negative; higher is better) by importance sampling.\n\n"
+        "estimators (--elbo):\n" + describe_estimators(),
+    )
+    p.add_argument("--dataset", default="digits", choices=DATASETS,
+                   help="data set (default: digits, embedded, no download)")
+    _add_data_dir(p)
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="named network (default: digits for digits, paper-mnist otherwise)")
+    p.add_argument("--latent-dims", type=_sizes, help="sizes of z1..zL, e.g. 64,32,16,8,4")
+    p.add_argument("--hidden-dims", type=_sizes, help="MLP widths per layer, e.g. 512,256,128")
+    p.add_argument("--inference", default="top-down", choices=INFERENCES)
+    p.add_argument("--likelihood", choices=LIKELIHOODS,
+                   help="default: gaussian for continuous data, bernoulli otherwise")
+    p.add_argument("--elbo", default="elbo", choices=sorted(ESTIMATORS), help="estimator")
+    p.add_argument("--particles", type=_positive_int, default=1, help="samples per data point")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="default: 80 for digits, 10 otherwise")
+    p.add_argument("--batch-size", type=_positive_int, default=100)
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--warmup-epochs", type=_nonnegative_int, default=None,
+                   help="KL warm-up length (default: a tenth of the epochs, as in the paper)")
+    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--eval-samples", type=_positive_int, default=5000,
+                   help="importance samples K for the test log-likelihood (default 5000)")
+    p.add_argument("--eval-limit", type=_positive_int, default=None,
+                   help="evaluate on the first N test images only (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: runs/<dataset>-<inference>-<time>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow --out to be a folder that holds an earlier run")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="re-evaluate a saved model on its test set")
+    p.add_argument("checkpoint", type=Path, help="checkpoint.pt written by `train`")
+    p.add_argument("--num-samples", type=_positive_int, default=5000,
+                   help="importance samples K (default 5000)")
+    p.add_argument("--eval-limit", type=_positive_int, default=None,
+                   help="evaluate on the first N test images only (default: all)")
+    _add_data_dir(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _add_data_dir(p):
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with the data files (default: $PYRO_LADDER_DATA, then "
+                   "~/.cache/pyro_ladder)")
+
+
+def cmd_train(args) -> int:
+    out = _prepare_out(args)
+    data = load_dataset(args.dataset, args.data_dir)
+    likelihood = args.likelihood or ("gaussian" if data.kind == "continuous" else "bernoulli")
+    epochs = args.epochs or (80 if args.dataset == "digits" else 10)
+    warmup = epochs // 10 if args.warmup_epochs is None else args.warmup_epochs
+    pyro.set_rng_seed(args.seed)
+    vae = LadderVAE.from_config(_config(args, data.x_dim, likelihood))
+    dynamic = data.kind == "grey" and likelihood == "bernoulli"
+    test = _test_set(data, dynamic, args.eval_limit)
+    vae.check_data(test)
+    print(f"training a {vae.depth}-layer {args.inference} model on {args.dataset} "
+          f"({len(data.train)} images) for {epochs} epochs -> {out}")
+    start = time.perf_counter()
+    history = fit(
+        vae.model, vae.guide, data.train, elbo=args.elbo, num_particles=args.particles,
+        epochs=epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=warmup,
+        seed=args.seed, binarize=dynamic, monitor=test[:500], progress=args.progress,
+    )
+    train_seconds = time.perf_counter() - start
+    result = _evaluate(vae, test, args.eval_samples, args.progress)
+    meta = {"dataset": args.dataset, "likelihood": likelihood, "epochs": epochs,
+            "seed": args.seed, "elbo": args.elbo, "particles": args.particles}
+    save_checkpoint(out / "checkpoint.pt", vae, meta)
+    metrics = _metrics(args, vae, result, epochs, warmup, train_seconds, len(test))
+    _write_json(out / "metrics.json", metrics)
+    _write_history(out / "history.csv", history)
+    _write_pictures(out, vae, test, data.image_shape, history)
+    _print_result(metrics, out)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    vae, meta = load_checkpoint(args.checkpoint)
+    if "dataset" not in meta:
+        raise ConfigError(f"{args.checkpoint} does not name its data set; it cannot be evaluated")
+    data = load_dataset(meta["dataset"], args.data_dir)
+    dynamic = data.kind == "grey" and vae.config.likelihood == "bernoulli"
+    test = _test_set(data, dynamic, args.eval_limit)
+    pyro.set_rng_seed(args.seed)
+    result = _evaluate(vae, test, args.num_samples, args.progress)
+    summary = _summary(result)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": meta["dataset"],
+                      "num_test": len(test), **summary}, indent=2))
+    return 0
+
+
+def _config(args, x_dim, likelihood):
+    name = args.preset or ("digits" if args.dataset == "digits" else "paper-mnist")
+    overrides = {"likelihood": likelihood, "inference": args.inference,
+                 "batch_norm": args.batch_norm}
+    if args.latent_dims:
+        overrides["latent_dims"] = args.latent_dims
+    if args.hidden_dims:
+        overrides["hidden_dims"] = args.hidden_dims
+    if args.inference == "bottom-up" and "meanfield" in args.elbo:
+        raise ConfigError(
+            "--elbo meanfield needs the guide to sample in the model's (top-down) order; "
+            "use it with --inference top-down, or pick --elbo elbo for bottom-up"
+        )
+    return preset(name, x_dim, **overrides)
+
+
+def _test_set(data, dynamic: bool, limit: int | None) -> torch.Tensor:
+    """Test rows; grey images are binarized once with a fixed seed so runs compare."""
+    test = data.test if limit is None else data.test[:limit]
+    if dynamic:
+        test = binarize(test, generator=torch.Generator().manual_seed(0))
+    return test
+
+
+def _evaluate(vae, test, num_samples, progress) -> dict:
+    return evaluate(vae.model, vae.guide, test, num_samples=num_samples,
+                    iwae_k=tuple(k for k in (5, 50) if k <= num_samples), progress=progress)
+
+
+def _summary(result) -> dict:
+    return {
+        "eval_samples": result["num_samples"],
+        "test_log_likelihood": _finite_mean(result["log_likelihood"]),
+        "test_elbo": _finite_mean(result["elbo"]),
+        "test_iwae": {str(k): _finite_mean(v) for k, v in result["iwae"].items()},
+        "test_ess": _finite_mean(result["ess"]),
+        "kl_per_layer": {site: _finite_mean(v) for site, v in sorted(result["kl"].items())},
+    }
+
+
+def _finite_mean(values: torch.Tensor) -> float:
+    mean = values.double().mean().item()
+    if not math.isfinite(mean):
+        raise PyroLadderError(
+            f"evaluation produced a non-finite value ({mean}); the model is numerically broken"
+        )
+    return mean
+
+
+def _metrics(args, vae, result, epochs, warmup, train_seconds, num_test) -> dict:
+    return {
+        "dataset": args.dataset,
+        "inference": args.inference,
+        "likelihood": vae.config.likelihood,
+        "elbo": args.elbo,
+        "particles": args.particles,
+        "epochs": epochs,
+        "warmup_epochs": warmup,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "train_seconds": train_seconds,
+        "num_test": num_test,
+        **_summary(result),
+        "config": vae.config.to_dict(),
+        "versions": {"pyro_ladder": __version__, "pyro": pyro.__version__,
+                     "torch": torch.__version__},
+    }
+
+
+def _prepare_out(args) -> Path:
+    out = args.out
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path("runs") / f"{args.dataset}-{args.inference}-{stamp}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder: choose another path")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not args.overwrite:
+        raise ConfigError(
+            f"--out {out} already holds a run ({', '.join(held)}): choose another folder "
+            "or pass --overwrite"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create --out {out}: {err.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"--out {out} is not writable: choose another folder")
+    args.out = out
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    _atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for record in history for k in record))
+    lines = [",".join(keys)]
+    lines += [",".join(_csv_cell(r.get(k, "")) for k in keys) for r in history]
+    _atomic_write(path, "\n".join(lines) + "\n")
+
+
+def _csv_cell(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_pictures(out, vae, test, image_shape, history) -> None:
+    save_figure(image_grid(vae.sample(64), image_shape, 8, "samples from the prior"),
+                out / "samples.png")
+    originals = test[:32]
+    pairs = torch.stack([originals, vae.reconstruct(originals)], 1).reshape(64, -1)
+    save_figure(image_grid(pairs, image_shape, 8, "data (odd) and reconstructions (even)"),
+                out / "reconstructions.png")
+    save_figure(training_curves(history), out / "curves.png")
+
+
+def _print_result(metrics: dict, out: Path) -> None:
+    print(f"test log-likelihood (K={metrics['eval_samples']}): "
+          f"{metrics['test_log_likelihood']:.2f} nats  [log p(x), higher is better]")
+    print(f"test ELBO: {metrics['test_elbo']:.2f} nats   train time: "
+          f"{metrics['train_seconds']:.0f} s")
+    kl = ", ".join(f"{k} {v:.2f}" for k, v in metrics["kl_per_layer"].items())
+    print(f"KL per layer (nats): {kl}")
+    print(f"wrote {out}/: checkpoint.pt metrics.json history.csv samples.png "
+          "reconstructions.png curves.png")
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 64,32,16"
+        ) from None
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value

@@ -1,0 +1,94 @@
+"""Estimators by name: :func:`make_elbo` returns a Pyro ELBO object to hand to ``SVI``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyro.infer import (
+    ELBO,
+    JitTrace_ELBO,
+    JitTraceGraph_ELBO,
+    JitTraceMeanField_ELBO,
+    RenyiELBO,
+    Trace_ELBO,
+    TraceGraph_ELBO,
+    TraceMeanField_ELBO,
+)
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A named estimator: the Pyro class, fixed options, and one line for users."""
+
+    cls: Callable[..., ELBO]
+    fixed: dict
+    summary: str
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "elbo": Estimator(Trace_ELBO, {}, "Monte Carlo ELBO (Trace_ELBO)"),
+    "meanfield": Estimator(
+        TraceMeanField_ELBO, {}, "ELBO with analytic KL where known (TraceMeanField_ELBO)"
+    ),
+    "tracegraph": Estimator(
+        TraceGraph_ELBO, {}, "ELBO with score-function baselines (TraceGraph_ELBO)"
+    ),
+    "iwae": Estimator(
+        RenyiELBO, {"alpha": 0}, "importance-weighted bound, K = num_particles (RenyiELBO(0))"
+    ),
+    "renyi": Estimator(RenyiELBO, {}, "Renyi divergence bound, option alpha (RenyiELBO)"),
+    "jit-elbo": Estimator(JitTrace_ELBO, {}, "Trace_ELBO compiled with the PyTorch JIT"),
+    "jit-meanfield": Estimator(
+        JitTraceMeanField_ELBO, {}, "TraceMeanField_ELBO compiled with the PyTorch JIT"
+    ),
+    "jit-tracegraph": Estimator(
+        JitTraceGraph_ELBO, {}, "TraceGraph_ELBO compiled with the PyTorch JIT"
+    ),
+}
+
+
+def make_elbo(name: str, num_particles: int = 1, **options) -> ELBO:
+    """The estimator called ``name``, drawing ``num_particles`` samples per data point.
+
+    Particles are vectorized (one pass with a leading particle dimension) unless
+    ``vectorize_particles=False`` is given. Other ``options`` go to the Pyro class, e.g.
+    ``max_plate_nesting`` or, for ``"renyi"``, ``alpha``. Known names: see
+    :data:`ESTIMATORS` or :func:`describe_estimators`.
+
+    :raises ConfigError: for an unknown name, a bad particle count or an unknown option.
+    """
+    if name not in ESTIMATORS:
+        raise ConfigError(f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}")
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+        raise ConfigError(f"num_particles must be a positive integer, got {num_particles!r}")
+    est = ESTIMATORS[name]
+    accepted = _accepted_options(est.cls)
+    unknown = sorted(set(options) - accepted)
+    fixed = sorted(set(options) & set(est.fixed))
+    if unknown or fixed:
+        raise ConfigError(
+            f"estimator {name!r} does not take option(s) {unknown + fixed}; "
+            f"it takes {sorted(accepted - set(est.fixed))}"
+        )
+    kwargs = {"vectorize_particles": num_particles > 1, **est.fixed, **options}
+    return est.cls(num_particles=num_particles, **kwargs)
+
+
+def describe_estimators() -> str:
+    """One line per estimator name, for help texts."""
+    return "\n".join(f"{name:15s} {est.summary}" for name, est in ESTIMATORS.items())
+
+
+def _accepted_options(cls) -> set[str]:
+    names = set()
+    for klass in cls.__mro__:
+        if klass is object:
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        names |= {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or
+                  (p.kind is p.POSITIONAL_OR_KEYWORD and n != "self")}
+    return names - {"num_particles"}

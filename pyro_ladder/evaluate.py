@@ -1,0 +1,232 @@
+r"""Per-data-point evaluation of any model/guide pair whose sites sit in ``plate("data")``.
+
+With ``w_k = p(x, z_k) / q(z_k | x)`` for ``K`` draws ``z_k ~ q(z | x)``:
+
+* ``log_likelihood``: ``log (1/K) sum_k w_k``, the importance-sampled estimate of
+  ``log p(x)`` (Burda et al. 2015); a lower bound in expectation that tightens as ``K`` grows;
+* ``elbo``: ``(1/K) sum_k log w_k``;
+* ``iwae[k]``: the ``IWAE_k`` bound, averaged over ``K // k`` disjoint groups of ``k`` draws;
+* ``ess``: the effective sample size ``(sum_k w_k)^2 / sum_k w_k^2`` of the ``K`` weights;
+* ``kl[site]``: ``E_q[KL(q(z_l | .) || p(z_l | .))]`` per latent site, analytic where torch
+  knows the KL, else Monte Carlo ``log q - log p``.
+
+Pyro's ``vectorized_importance_weights`` sums over the data plate, so it yields one joint
+weight per batch; here the weights are kept per data point. Draws are vectorized in a
+particle plate left of the model's plates and processed in chunks of at most ``max_rows``
+(particles x data points), so memory stays bounded for any ``K`` and any data size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+from tqdm.auto import tqdm
+
+from ._util import eval_mode, modules_of
+from .errors import ConfigError
+
+DATA_PLATE = "data"
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    guide,
+    data: torch.Tensor,
+    *args,
+    num_samples: int = 5000,
+    iwae_k: tuple[int, ...] = (),
+    batch_size: int = 100,
+    max_rows: int = 2**15,
+    progress: bool = False,
+    **kwargs,
+) -> dict:
+    """Importance-sampled ``log p(x)``, ELBO, ``IWAE_k``, ESS and per-site KL, per data point.
+
+    ``model(x, *args, **kwargs)`` and ``guide(x, *args, **kwargs)`` are called on batches
+    ``x = data[i:j]``; networks that are bound methods of an ``nn.Module`` run in eval mode.
+
+    :param data: ``(N, ...)`` data, split along the first dimension.
+    :param num_samples: ``K``, importance samples per data point.
+    :param iwae_k: group sizes ``k`` of the ``IWAE_k`` bounds to report (each ``<= K``).
+    :param batch_size: data points per pass.
+    :param max_rows: largest number of (sample, data point) pairs in one pass.
+    :returns: dict with ``log_likelihood``, ``elbo``, ``ess`` (each ``(N,)``), ``iwae``
+        (``{k: (N,)}``), ``kl`` (``{site: (N,)}``) and ``num_samples``.
+    """
+    _check_options(data, num_samples, iwae_k, batch_size, max_rows)
+    with eval_mode(*modules_of(model, guide)):
+        nesting = _max_plate_nesting(model, guide, data[:batch_size], args, kwargs)
+        parts = defaultdict(list)
+        for start in tqdm(range(0, len(data), batch_size), disable=not progress, unit="batch"):
+            x = data[start : start + batch_size]
+            for key, value in _evaluate_batch(
+                model, guide, x, args, kwargs, num_samples, iwae_k, max_rows, nesting
+            ).items():
+                parts[key].append(value)
+    out = {key: torch.cat(values) for key, values in parts.items()}
+    return {
+        "log_likelihood": out.pop("log_likelihood"),
+        "elbo": out.pop("elbo"),
+        "ess": out.pop("ess"),
+        "iwae": {k: out.pop(f"iwae{k}") for k in iwae_k},
+        "kl": {name[3:]: value for name, value in out.items()},
+        "num_samples": num_samples,
+    }
+
+
+def log_likelihood(model, guide, data, *args, num_samples: int = 5000, **kwargs) -> torch.Tensor:
+    """Importance-sampled estimate of ``log p(x)`` in nats for each row of ``data``: ``(N,)``.
+
+    Takes the options of :func:`evaluate`, which also returns the ELBO and ``IWAE_k``.
+    """
+    return evaluate(model, guide, data, *args, num_samples=num_samples, **kwargs)[
+        "log_likelihood"
+    ]
+
+
+def _evaluate_batch(model, guide, x, args, kwargs, K, iwae_k, max_rows, nesting) -> dict:
+    """Stream ``K`` draws for one batch ``x (B, ...)`` in chunks; reduce to ``(B,)`` tensors."""
+    B = x.shape[0]
+    chunk = _chunk_size(K, B, max_rows, iwae_k)
+    lse = lse_sq = None
+    sum_log_w = 0.0
+    iwae_sum = {k: 0.0 for k in iwae_k}
+    iwae_groups = {k: 0 for k in iwae_k}
+    kl_sum = defaultdict(float)
+    for start in range(0, K, chunk):
+        S = min(chunk, K - start)
+        log_w, kl = _log_weights(model, guide, x, args, kwargs, S, nesting)  # (S, B)
+        lse = _add_lse(lse, log_w.logsumexp(0))
+        lse_sq = _add_lse(lse_sq, (2 * log_w).logsumexp(0))
+        sum_log_w = sum_log_w + log_w.sum(0)
+        for k in iwae_k:
+            groups = S // k
+            grouped = log_w[: groups * k].reshape(groups, k, B)  # (groups, k, B)
+            iwae_sum[k] = iwae_sum[k] + (grouped.logsumexp(1) - math.log(k)).sum(0)
+            iwae_groups[k] += groups
+        for name, value in kl.items():
+            kl_sum[name] = kl_sum[name] + value.sum(0)
+    out = {
+        "log_likelihood": lse - math.log(K),
+        "elbo": sum_log_w / K,
+        "ess": (2 * lse - lse_sq).exp(),
+    }
+    out.update({f"iwae{k}": iwae_sum[k] / iwae_groups[k] for k in iwae_k})
+    out.update({f"kl:{name}": value / K for name, value in kl_sum.items()})
+    return out
+
+
+def _log_weights(model, guide, x, args, kwargs, S, nesting):
+    """``log w (S, B)`` and per-site KL ``{site: (S, B)}`` for ``S`` vectorized draws."""
+    particles = pyro.plate("_eval_particles", S, dim=-(nesting + 1))
+    with particles:
+        guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)
+    with particles:
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            x, *args, **kwargs
+        )
+    log_w = x.new_zeros(S, x.shape[0])
+    kl = {}
+    for name, site in _sample_sites(model_trace):
+        log_w = log_w + _per_datapoint(site, _log_prob(site), nesting)
+        if not site["is_observed"] and name not in guide_trace.nodes:
+            raise ConfigError(
+                f"model site {name!r} has no guide site: every latent of the model must be "
+                "sampled by the guide for importance sampling"
+            )
+    for name, q_site in _sample_sites(guide_trace):
+        if q_site["is_observed"]:
+            continue
+        log_q = _per_datapoint(q_site, _log_prob(q_site), nesting)
+        log_w = log_w - log_q
+        p_site = model_trace.nodes[name]
+        kl[name] = _site_kl(q_site, p_site, log_q, nesting)
+    return log_w, kl
+
+
+def _site_kl(q_site, p_site, log_q, nesting) -> torch.Tensor:
+    """Analytic ``KL(q || p)`` at the sampled parents where torch has it, else ``log q - log p``."""
+    try:
+        value = torch.distributions.kl_divergence(q_site["fn"], p_site["fn"])
+    except NotImplementedError:
+        return log_q - _per_datapoint(p_site, _log_prob(p_site), nesting)
+    return _per_datapoint(q_site, value, nesting)
+
+
+def _sample_sites(trace):
+    for name, site in prune_subsample_sites(trace).nodes.items():
+        if site["type"] == "sample":
+            yield name, site
+
+
+def _log_prob(site) -> torch.Tensor:
+    """Unscaled log-density with the site's mask applied: evaluation ignores warm-up scales."""
+    log_p = site["fn"].log_prob(site["value"])
+    mask = site["mask"]
+    if mask is False:
+        return torch.zeros_like(log_p)
+    if mask is not None and mask is not True:
+        log_p = torch.where(mask, log_p, torch.zeros_like(log_p))
+    return log_p
+
+
+def _per_datapoint(site, value: torch.Tensor, nesting: int) -> torch.Tensor:
+    """Reduce a site's ``log_prob`` to ``(S, B)``: sum every plate but particles and data."""
+    data_dims = [f.dim for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
+    if not data_dims or data_dims[0] is None:
+        raise ConfigError(
+            f"site {site['name']!r} is outside pyro.plate({DATA_PLATE!r}, ...): per-data-point "
+            "evaluation needs every sample site inside that plate"
+        )
+    full = nesting + 1
+    value = value.reshape((1,) * (full - value.dim()) + value.shape)  # (S|1, ..., B|1, ...)
+    keep = {0, full + data_dims[0]}
+    others = [d for d in range(full) if d not in keep]
+    if others:
+        value = value.sum(others, keepdim=True)
+    return value.reshape(value.shape[0], value.shape[full + data_dims[0]])  # (S|1, B|1)
+
+
+def _max_plate_nesting(model, guide, x, args, kwargs) -> int:
+    """Deepest plate used by the guide or the model, from one trace of each."""
+    guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+        x, *args, **kwargs
+    )
+    dims = [
+        -f.dim
+        for trace in (guide_trace, model_trace)
+        for _, site in _sample_sites(trace)
+        for f in site["cond_indep_stack"]
+        if f.vectorized
+    ]
+    return max(dims, default=1)
+
+
+def _chunk_size(K, B, max_rows, iwae_k) -> int:
+    """Draws per pass: as many as fit ``max_rows``, a multiple of every ``k`` when possible."""
+    chunk = max(1, min(K, max_rows // max(B, 1)))
+    step = math.lcm(*iwae_k) if iwae_k else 1
+    return max(step, chunk - chunk % step) if chunk >= step else chunk
+
+
+def _add_lse(total, value):
+    return value if total is None else torch.logaddexp(total, value)
+
+
+def _check_options(data, num_samples, iwae_k, batch_size, max_rows):
+    if len(data) == 0:
+        raise ConfigError("no data to evaluate: the data set is empty")
+    for name, v in [("num_samples", num_samples), ("batch_size", batch_size),
+                    ("max_rows", max_rows)]:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    for k in iwae_k:
+        if not isinstance(k, int) or not 1 <= k <= num_samples:
+            raise ConfigError(f"iwae_k values must be integers in [1, num_samples], got {k!r}")

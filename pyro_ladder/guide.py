@@ -1,0 +1,88 @@
+"""Inference networks as Pyro guides: the ladder (top-down) and the classic bottom-up VAE."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from .config import LadderConfig
+from .layers import MLP, GaussianBlock, GaussianHead
+from .merge import precision_weighted
+from .model import Generative
+
+
+class TopDownInference(nn.Module):
+    r"""The Ladder VAE's inference network (Sonderby et al. 2016, eq. 17-21).
+
+    Upward pass: ``d_n = MLP(d_{n-1})``, ``d_0 = x``, with heads
+    ``(mu_hat_n, sigma_hat_n)``. Downward pass: ``z_L ~ N(mu_hat_L, sigma_hat_L^2)`` and
+    each lower ``z_i`` from :func:`~pyro_ladder.merge.precision_weighted` of its head with
+    the generative prior ``p(z_i | z_{i+1})`` at the sampled ``z_{i+1}``. The prior
+    networks are the model's own (shared parameters), as in the paper.
+
+    References
+    ----------
+    [1] C. K. Sonderby et al., "Ladder Variational Autoencoders", NeurIPS 2016.
+    """
+
+    def __init__(self, config: LadderConfig):
+        super().__init__()
+        c = config
+        inputs = (c.x_dim,) + c.hidden_dims[:-1]
+        self.blocks = nn.ModuleList(
+            MLP(d_in, h, c.batch_norm, c.leaky_slope) for d_in, h in zip(inputs, c.hidden_dims)
+        )
+        self.heads = nn.ModuleList(
+            GaussianHead(h, k, c.var_floor) for h, k in zip(c.hidden_dims, c.latent_dims)
+        )
+
+    def upward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The "approximate likelihood" ``(mu_hat_n, sigma_hat_n)`` for n = 1..L, each (B, k_n)."""
+        out, d = [], x
+        for block, head in zip(self.blocks, self.heads):
+            d = block(d)  # (B, h_n)
+            out.append(head(d))
+        return out
+
+    def guide(self, x: torch.Tensor, generative: Generative) -> None:
+        """Sample ``z{L}`` .. ``z1`` given ``x (B, x_dim)``, inside ``plate("data")``."""
+        heads = self.upward(x)
+        depth = len(heads)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            loc, scale = heads[-1]
+            z = pyro.sample(f"z{depth}", dist.Normal(loc, scale).to_event(1))  # (..., B, k_L)
+            for i in range(depth - 1, 0, -1):
+                loc, scale = precision_weighted(*generative.prior(i, z), *heads[i - 1])
+                z = pyro.sample(f"z{i}", dist.Normal(loc, scale).to_event(1))  # (..., B, k_i)
+
+
+class BottomUpInference(nn.Module):
+    """The classic hierarchical VAE guide ``q(z_1 | x) prod_i q(z_i | z_{i-1})``.
+
+    Each conditional is ``N(mu(y), sigma^2(y))`` with ``d = MLP(y)``. Sites are sampled
+    ``z1`` first, the reverse of the model's order; analytic-KL estimators that need the
+    two orders to agree (``TraceMeanField_ELBO``) do not apply to this guide.
+    """
+
+    def __init__(self, config: LadderConfig):
+        super().__init__()
+        c = config
+        inputs = (c.x_dim,) + c.latent_dims[:-1]
+        kw = dict(batch_norm=c.batch_norm, slope=c.leaky_slope, var_floor=c.var_floor)
+        self.blocks = nn.ModuleList(
+            GaussianBlock(d_in, h, k, **kw)
+            for d_in, h, k in zip(inputs, c.hidden_dims, c.latent_dims)
+        )
+
+    def guide(self, x: torch.Tensor, generative: Generative | None = None) -> None:
+        """Sample ``z1`` .. ``z{L}`` given ``x (B, x_dim)``; ``generative`` is unused."""
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z = x
+            for i, block in enumerate(self.blocks, start=1):
+                loc, scale = block(z)
+                z = pyro.sample(f"z{i}", dist.Normal(loc, scale).to_event(1))  # (..., B, k_i)
+
+
+INFERENCE = {"top-down": TopDownInference, "bottom-up": BottomUpInference}

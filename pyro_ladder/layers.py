@@ -1,0 +1,74 @@
+"""Building blocks: MLP blocks that accept any leading batch shape, and Gaussian heads."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    """Two dense layers, each ``Linear -> [BatchNorm] -> LeakyReLU`` (the paper's block).
+
+    Shape contract: ``(..., in_dim) -> (..., hidden_dim)``. Leading dimensions (particles,
+    data) are flattened for batch norm, so vectorized particles share one set of batch
+    statistics, then restored.
+
+    :param in_dim: input features.
+    :param hidden_dim: units of both layers.
+    :param batch_norm: insert ``BatchNorm1d`` before each nonlinearity.
+    :param slope: negative slope of the leaky ReLU.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, batch_norm: bool = True, slope: float = 0.1):
+        super().__init__()
+        layers = []
+        for d_in in (in_dim, hidden_dim):
+            layers.append(nn.Linear(d_in, hidden_dim))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.LeakyReLU(slope))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        h = self.net(x.reshape(-1, x.shape[-1]))  # (prod(lead), hidden)
+        return h.reshape(*lead, h.shape[-1])  # (..., hidden)
+
+
+class GaussianHead(nn.Module):
+    """``loc = Linear(d)``, ``scale = sqrt(Softplus(Linear(d)) + var_floor)``.
+
+    The paper parameterises the variance with a softplus; the floor keeps precisions
+    finite. Shape contract: ``(..., in_dim) -> ((..., out_dim), (..., out_dim))``.
+
+    :param in_dim: features of ``d``.
+    :param out_dim: dimension of the Gaussian.
+    :param var_floor: smallest variance the head can return.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, var_floor: float = 1e-4):
+        super().__init__()
+        self.loc = nn.Linear(in_dim, out_dim)
+        self.var = nn.Linear(in_dim, out_dim)
+        self.var_floor = var_floor
+
+    def forward(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = (F.softplus(self.var(d)) + self.var_floor).sqrt()
+        return self.loc(d), scale
+
+
+class GaussianBlock(nn.Module):
+    """An MLP followed by a Gaussian head: the map ``y -> (mu(y), sigma(y))`` of the paper.
+
+    Used for ``p(z_i | z_{i+1})`` in the generative model and ``q(z_i | z_{i-1})`` in the
+    bottom-up guide. Shape contract: ``(..., in_dim) -> ((..., out_dim), (..., out_dim))``.
+    """
+
+    def __init__(self, in_dim, hidden_dim, out_dim, batch_norm=True, slope=0.1, var_floor=1e-4):
+        super().__init__()
+        self.mlp = MLP(in_dim, hidden_dim, batch_norm, slope)
+        self.head = GaussianHead(hidden_dim, out_dim, var_floor)
+
+    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.mlp(y))
