@@ -55,7 +55,8 @@ def make_elbo(name: str, num_particles: int = 1, **options) -> ELBO:
     """The estimator called ``name``, drawing ``num_particles`` samples per data point.
 
     Particles are vectorized (one pass with a leading particle dimension) unless
-    ``vectorize_particles=False`` is given. Other ``options`` go to the Pyro class, e.g.
+    ``vectorize_particles=False`` is given. The ``jit-*`` estimators compile once per batch
+    shape and silence the JIT's tracer warnings unless ``ignore_jit_warnings=False``. Other ``options`` go to the Pyro class, e.g.
     ``max_plate_nesting`` or, for ``"renyi"``, ``alpha``. Known names: see
     :data:`ESTIMATORS` or :func:`describe_estimators`.
 
@@ -75,6 +76,10 @@ def make_elbo(name: str, num_particles: int = 1, **options) -> ELBO:
             f"it takes {sorted(accepted - set(est.fixed))}"
         )
     kwargs = {"vectorize_particles": num_particles > 1, **est.fixed, **options}
+    if "ignore_jit_warnings" in accepted:
+        # shape checks in batch norm and plates trace to constants; the JIT says so at every
+        # compile, which is expected here: batches keep one size (fit drops the ragged one)
+        kwargs.setdefault("ignore_jit_warnings", True)
     return est.cls(num_particles=num_particles, **kwargs)
 
 
@@ -84,11 +89,7 @@ def describe_estimators() -> str:
 
 
 def _accepted_options(cls) -> set[str]:
-    names = set()
-    for klass in cls.__mro__:
-        if klass is object:
-            continue
-        params = inspect.signature(klass.__init__).parameters
-        names |= {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or
-                  (p.kind is p.POSITIONAL_OR_KEYWORD and n != "self")}
-    return names - {"num_particles"}
+    """Keyword arguments the estimator's constructor takes (its own signature)."""
+    params = inspect.signature(cls).parameters.values()
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return named - {"num_particles"}

@@ -1,0 +1,152 @@
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+
+from pyro_ladder import ConfigError, DataError, LadderConfig, LadderVAE, preset
+
+
+def _traces(vae, x, particles=None):
+    def run():
+        guide_trace = poutine.trace(vae.guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+        return guide_trace, model_trace
+
+    if particles is None:
+        return run()
+    with pyro.plate("particles", particles, dim=-2):
+        return run()
+
+
+@pytest.mark.parametrize("inference", ["top-down", "bottom-up"])
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
+def test_site_shapes_for_every_depth(depth, inference):
+    latent = (12, 10, 8, 6, 4)[:depth]
+    hidden = (32, 24, 16, 12, 8)[:depth]
+    vae = LadderVAE(20, latent, hidden, inference=inference)
+    x = (torch.rand(7, 20) < 0.5).float()
+    guide_trace, model_trace = _traces(vae, x, particles=3)
+    names = [n for n, s in model_trace.nodes.items() if s["type"] == "sample" and n != "data"]
+    assert names == [f"z{i}" for i in range(depth, 0, -1)] + ["x"]  # top-down order
+    for i, k in enumerate(latent, start=1):
+        assert guide_trace.nodes[f"z{i}"]["value"].shape == (3, 7, k)
+        site = model_trace.nodes[f"z{i}"]
+        assert site["fn"].log_prob(site["value"]).shape == (3, 7)
+    assert model_trace.nodes["x"]["fn"].batch_shape == (3, 7)
+    assert model_trace.nodes["x"]["fn"].event_shape == (20,)
+    guide_names = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample"
+                   and n != "data"]
+    expected = [f"z{i}" for i in range(1, depth + 1)]
+    assert guide_names == (expected[::-1] if inference == "top-down" else expected)
+
+
+def test_top_down_guide_uses_the_model_prior_networks():
+    vae = LadderVAE(10, (4, 3), (16, 8))
+    guide_trace, _ = _traces(vae, torch.zeros(5, 10))
+    guide_params = {n for n, s in guide_trace.nodes.items() if s["type"] == "param"}
+    assert any(".generative$$$priors.0." in n for n in guide_params)
+
+
+@pytest.mark.parametrize("inference", ["top-down", "bottom-up"])
+def test_one_layer_model_is_a_plain_vae(inference):
+    torch.manual_seed(1)
+    vae = LadderVAE(6, (3,), (8,), inference=inference, batch_norm=False).double()
+    x = (torch.rand(4, 6) < 0.5).double()
+    guide_trace, model_trace = _traces(vae, x)
+    z = guide_trace.nodes["z1"]["value"]
+    # the same quantities written as a plain VAE: q(z|x) = N(enc(x)), p(z) = N(0, I),
+    # p(x|z) = Bernoulli(dec(z))
+    if inference == "top-down":
+        loc, scale = vae.inference.heads[0](vae.inference.blocks[0](x))
+    else:
+        loc, scale = vae.inference.blocks[0](x)
+    lik = vae.generative.likelihood
+    log_q = dist.Normal(loc, scale).log_prob(z).sum(-1)
+    log_pz = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    log_px = dist.Bernoulli(logits=lik.logits(lik.mlp(z))).log_prob(x).sum(-1)
+    torch.testing.assert_close(guide_trace.nodes["z1"]["fn"].log_prob(z), log_q)
+    torch.testing.assert_close(model_trace.nodes["z1"]["fn"].log_prob(z), log_pz)
+    torch.testing.assert_close(model_trace.nodes["x"]["fn"].log_prob(x), log_px)
+
+
+def test_top_down_and_bottom_up_coincide_for_one_layer():
+    td = LadderVAE(6, (3,), (8,), inference="top-down")
+    bu = LadderVAE(6, (3,), (8,), inference="bottom-up")
+    bu.generative.load_state_dict(td.generative.state_dict())
+    bu.inference.blocks[0].mlp.load_state_dict(td.inference.blocks[0].state_dict())
+    bu.inference.blocks[0].head.load_state_dict(td.inference.heads[0].state_dict())
+    x = torch.rand(5, 6).round()
+    for vae in (td, bu):
+        vae.eval()
+    g_td, _ = _traces(td, x)
+    g_bu, _ = _traces(bu, x)
+    torch.testing.assert_close(g_td.nodes["z1"]["fn"].base_dist.loc,
+                               g_bu.nodes["z1"]["fn"].base_dist.loc)
+    torch.testing.assert_close(g_td.nodes["z1"]["fn"].base_dist.scale,
+                               g_bu.nodes["z1"]["fn"].base_dist.scale)
+
+
+def test_gaussian_likelihood_scores_continuous_data():
+    vae = LadderVAE(6, (3, 2), (8, 4), likelihood="gaussian")
+    x = torch.rand(5, 6)
+    _, model_trace = _traces(vae, x)
+    assert isinstance(model_trace.nodes["x"]["fn"].base_dist, dist.Normal)
+    assert torch.isfinite(model_trace.log_prob_sum())
+
+
+def test_two_instances_do_not_share_parameters_through_pyro():
+    a, b = LadderVAE(6, (3,), (8,)), LadderVAE(6, (3,), (8,))
+    x = torch.rand(4, 6).round()
+    _traces(a, x)
+    guide_trace, _ = _traces(b, x)
+    b_params = {id(p) for p in b.parameters()}
+    traced = [s["value"] for s in guide_trace.nodes.values() if s["type"] == "param"]
+    assert traced and all(id(v) in b_params for v in traced)
+
+
+def test_sample_and_reconstruct_shapes_and_range():
+    vae = LadderVAE(6, (3, 2), (8, 4))
+    assert vae.sample(9).shape == (9, 6)
+    rec = vae.reconstruct(torch.rand(4, 6).round())
+    assert rec.shape == (4, 6) and ((rec >= 0) & (rec <= 1)).all()
+    assert vae.training  # the mode is restored
+
+
+def test_bernoulli_model_rejects_non_binary_data():
+    vae = LadderVAE(4, (2,), (8,))
+    with pytest.raises(DataError, match="binary"):
+        vae.model(torch.full((3, 4), 0.5))
+
+
+def test_model_rejects_wrong_number_of_features():
+    vae = LadderVAE(4, (2,), (8,))
+    with pytest.raises(DataError, match="x_dim=4"):
+        vae.model(torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(latent_dims=(4, 0), hidden_dims=(8, 8)), "positive integers"),
+        (dict(latent_dims=(4, -2), hidden_dims=(8, 8)), "positive integers"),
+        (dict(latent_dims=(4, 2), hidden_dims=(8,)), "one hidden size per stochastic layer"),
+        (dict(latent_dims=(), hidden_dims=()), "empty"),
+        (dict(likelihood="poisson"), "unknown likelihood"),
+        (dict(inference="sideways"), "unknown inference"),
+        (dict(latent_dims=(2.5,), hidden_dims=(8,)), "positive integers"),
+    ],
+)
+def test_bad_configurations_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        LadderVAE(4, **kwargs)
+
+
+def test_config_rejects_unknown_keys_and_round_trips():
+    cfg = preset("paper-mnist", 784)
+    assert cfg.latent_dims == (64, 32, 16, 8, 4) and cfg.hidden_dims == (512, 256, 128, 64, 32)
+    assert LadderConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown config key"):
+        LadderConfig.from_dict({**cfg.to_dict(), "latent_dim": [3]})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("paper", 784)
