@@ -6,10 +6,8 @@ import math
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg", force=False)  # files only; notebooks keep their inline backend
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 
 def image_grid(images: torch.Tensor, image_shape: tuple[int, int], ncols: int | None = None,
@@ -45,7 +43,7 @@ def save_figure(fig, path: str | Path) -> Path:
 def training_curves(history: list[dict]):
     """Loss per epoch (and monitored ELBO and per-site KL when present) from ``fit``'s history."""
     epochs = [r["epoch"] for r in history]
-    kl_keys = sorted({k for r in history for k in r if k.startswith("kl_")})
+    kl_keys = sorted({k for r in history for k in r if k.startswith("kl_") and k != "kl_weight"})
     fig, axes = plt.subplots(1, 2 if kl_keys else 1, figsize=(10 if kl_keys else 5, 3.5),
                              squeeze=False)
     ax = axes[0, 0]

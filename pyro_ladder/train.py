@@ -98,7 +98,12 @@ def _run_epoch(svi, x, batch_size, weight, args, kwargs, epoch, bar) -> float:
     total, seen = 0.0, 0
     for step in range(steps):
         batch = x[order[step * batch_size : (step + 1) * batch_size]]  # (B, ...)
-        loss = svi.step(*weight, batch, *args, **kwargs)
+        try:
+            loss = svi.step(*weight, batch, *args, **kwargs)
+        except ValueError as err:  # Pyro's validation: a distribution got NaN parameters
+            if "invalid values" not in str(err):
+                raise
+            loss = math.nan
         if not math.isfinite(loss):
             raise TrainingError(
                 f"the loss became {loss} at epoch {epoch + 1}, step {step + 1}: lower the "

@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from pyro_ladder import ConfigError, LadderVAE, TrainingError, fit
+
+
+def _grey(n=60, d=6):
+    torch.manual_seed(0)
+    return torch.rand(n, d)
+
+
+def test_fit_lowers_the_loss_and_returns_a_history():
+    x = _grey().round()
+    vae = LadderVAE(6, (3, 2), (16, 8))
+    history = fit(vae.model, vae.guide, x, epochs=15, batch_size=20, lr=1e-2, progress=False,
+                  monitor=x[:20])
+    assert [r["epoch"] for r in history] == list(range(1, 16))
+    assert history[-1]["loss"] < history[0]["loss"] - 0.5
+    assert set(history[0]) >= {"loss", "kl_weight", "seconds", "monitor_elbo", "kl_z1", "kl_z2"}
+
+
+def test_dynamic_binarization_trains_on_grey_data():
+    vae = LadderVAE(6, (3,), (8,))
+    history = fit(vae.model, vae.guide, _grey(), epochs=2, batch_size=20, binarize=True,
+                  progress=False)
+    assert len(history) == 2 and math.isfinite(history[-1]["loss"])
+
+
+def test_same_seed_same_history():
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(5)  # same initial weights
+        vae = LadderVAE(6, (3, 2), (8, 4))
+        history = fit(vae.model, vae.guide, _grey(), epochs=3, batch_size=20, binarize=True,
+                      seed=11, progress=False)
+        losses.append([r["loss"] for r in history])
+    assert losses[0] == losses[1]
+
+
+def test_non_finite_loss_stops_training_with_the_step():
+    vae = LadderVAE(6, (3,), (8,), batch_norm=False)
+    with torch.no_grad():
+        vae.generative.likelihood.logits.weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="epoch 1, step 1"):
+        fit(vae.model, vae.guide, _grey().round(), epochs=1, batch_size=20, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(batch_size=100), "exceeds the 60 training rows"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(epochs=0), "epochs"),
+        (dict(lr=-1.0), "learning rate"),
+        (dict(lr=float("nan")), "learning rate"),
+        (dict(warmup_epochs=-2), "warmup_epochs"),
+        (dict(elbo="nope"), "unknown estimator"),
+    ],
+)
+def test_bad_fit_options(kwargs, message):
+    vae = LadderVAE(6, (3,), (8,))
+    with pytest.raises(ConfigError, match=message):
+        fit(vae.model, vae.guide, _grey().round(), progress=False, **{"batch_size": 20, **kwargs})
+
+
+def test_empty_data_is_refused():
+    vae = LadderVAE(6, (3,), (8,))
+    with pytest.raises(ConfigError, match="empty"):
+        fit(vae.model, vae.guide, torch.zeros(0, 6), progress=False)
