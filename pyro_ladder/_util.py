@@ -26,5 +26,5 @@ def eval_mode(*modules: nn.Module):
             m.eval()
         yield
     finally:
-        for m, mode in zip(modules, modes):
+        for m, mode in zip(modules, modes, strict=True):
             m.train(mode)

@@ -65,7 +65,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[Ladder
         vae.load_state_dict(payload["state_dict"], strict=True)
     except (RuntimeError, TypeError, AttributeError) as err:
         first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: the weights do not fit the stored config ({first})") from None
+        raise CheckpointError(
+            f"{path}: the weights do not fit the stored config ({first})"
+        ) from None
     meta = payload.get("meta", {})
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: 'meta' is not a mapping; the file is not one of ours")

@@ -4,7 +4,6 @@ the library. Bad input ends with one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -68,34 +67,64 @@ def _add_train(sub):
         "log p(x) (nats per example, negative; higher is better) by importance sampling.\n\n"
         "estimators (--elbo):\n" + describe_estimators(),
     )
-    p.add_argument("--dataset", default="digits", choices=DATASETS,
-                   help="data set (default: digits, embedded, no download)")
+    p.add_argument(
+        "--dataset",
+        default="digits",
+        choices=DATASETS,
+        help="data set (default: digits, embedded, no download)",
+    )
     _add_data_dir(p)
-    p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="named network (default: digits for digits, paper-mnist otherwise)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="named network (default: digits for digits, paper-mnist otherwise)",
+    )
     p.add_argument("--latent-dims", type=_sizes, help="sizes of z1..zL, e.g. 64,32,16,8,4")
     p.add_argument("--hidden-dims", type=_sizes, help="MLP widths per layer, e.g. 512,256,128")
     p.add_argument("--inference", default="top-down", choices=INFERENCES)
-    p.add_argument("--likelihood", choices=LIKELIHOODS,
-                   help="default: gaussian for continuous data, bernoulli otherwise")
+    p.add_argument(
+        "--likelihood",
+        choices=LIKELIHOODS,
+        help="default: gaussian for continuous data, bernoulli otherwise",
+    )
     p.add_argument("--elbo", default="elbo", choices=sorted(ESTIMATORS), help="estimator")
     p.add_argument("--particles", type=_positive_int, default=1, help="samples per data point")
-    p.add_argument("--epochs", type=_positive_int, default=None,
-                   help="default: 80 for digits, 10 otherwise")
+    p.add_argument(
+        "--epochs", type=_positive_int, default=None, help="default: 200 for digits, 10 otherwise"
+    )
     p.add_argument("--batch-size", type=_positive_int, default=100)
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--warmup-epochs", type=_nonnegative_int, default=None,
-                   help="KL warm-up length (default: a tenth of the epochs, as in the paper)")
+    p.add_argument(
+        "--warmup-epochs",
+        type=_nonnegative_int,
+        default=None,
+        help="KL warm-up length (default: a tenth of the epochs, as in the paper)",
+    )
     p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--eval-samples", type=_positive_int, default=5000,
-                   help="importance samples K for the test log-likelihood (default 5000)")
-    p.add_argument("--eval-limit", type=_positive_int, default=None,
-                   help="evaluate on the first N test images only (default: all)")
+    p.add_argument(
+        "--eval-samples",
+        type=_positive_int,
+        default=5000,
+        help="importance samples K for the test log-likelihood (default 5000)",
+    )
+    p.add_argument(
+        "--eval-limit",
+        type=_positive_int,
+        default=None,
+        help="evaluate on the first N test images only (default: all)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: runs/<dataset>-<inference>-<time>)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="allow --out to be a folder that holds an earlier run")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: runs/<dataset>-<inference>-<time>)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow --out to be a folder that holds an earlier run",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=cmd_train)
 
@@ -103,10 +132,18 @@ def _add_train(sub):
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="re-evaluate a saved model on its test set")
     p.add_argument("checkpoint", type=Path, help="checkpoint.pt written by `train`")
-    p.add_argument("--num-samples", type=_positive_int, default=5000,
-                   help="importance samples K (default 5000)")
-    p.add_argument("--eval-limit", type=_positive_int, default=None,
-                   help="evaluate on the first N test images only (default: all)")
+    p.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=5000,
+        help="importance samples K (default 5000)",
+    )
+    p.add_argument(
+        "--eval-limit",
+        type=_positive_int,
+        default=None,
+        help="evaluate on the first N test images only (default: all)",
+    )
     _add_data_dir(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -114,34 +151,55 @@ def _add_evaluate(sub):
 
 
 def _add_data_dir(p):
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="folder with the data files (default: $PYRO_LADDER_DATA, then "
-                   "~/.cache/pyro_ladder)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder with the data files (default: $PYRO_LADDER_DATA, then ~/.cache/pyro_ladder)",
+    )
 
 
 def cmd_train(args) -> int:
     out = _prepare_out(args)
     data = load_dataset(args.dataset, args.data_dir)
     likelihood = args.likelihood or ("gaussian" if data.kind == "continuous" else "bernoulli")
-    epochs = args.epochs or (80 if args.dataset == "digits" else 10)
+    epochs = args.epochs or (200 if args.dataset == "digits" else 10)
     warmup = epochs // 10 if args.warmup_epochs is None else args.warmup_epochs
     pyro.set_rng_seed(args.seed)
     vae = LadderVAE.from_config(_config(args, data.x_dim, likelihood))
     dynamic = data.kind == "grey" and likelihood == "bernoulli"
     test = _test_set(data, dynamic, args.eval_limit)
     vae.check_data(test)
-    print(f"training a {vae.depth}-layer {args.inference} model on {args.dataset} "
-          f"({len(data.train)} images) for {epochs} epochs -> {out}")
+    print(
+        f"training a {vae.depth}-layer {args.inference} model on {args.dataset} "
+        f"({len(data.train)} images) for {epochs} epochs -> {out}"
+    )
     start = time.perf_counter()
     history = fit(
-        vae.model, vae.guide, data.train, elbo=args.elbo, num_particles=args.particles,
-        epochs=epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=warmup,
-        seed=args.seed, binarize=dynamic, monitor=test[:500], progress=args.progress,
+        vae.model,
+        vae.guide,
+        data.train,
+        elbo=args.elbo,
+        num_particles=args.particles,
+        epochs=epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_epochs=warmup,
+        seed=args.seed,
+        binarize=dynamic,
+        monitor=test[:500],
+        progress=args.progress,
     )
     train_seconds = time.perf_counter() - start
     result = _evaluate(vae, test, args.eval_samples, args.progress)
-    meta = {"dataset": args.dataset, "likelihood": likelihood, "epochs": epochs,
-            "seed": args.seed, "elbo": args.elbo, "particles": args.particles}
+    meta = {
+        "dataset": args.dataset,
+        "likelihood": likelihood,
+        "epochs": epochs,
+        "seed": args.seed,
+        "elbo": args.elbo,
+        "particles": args.particles,
+    }
     save_checkpoint(out / "checkpoint.pt", vae, meta)
     metrics = _metrics(args, vae, result, epochs, warmup, train_seconds, len(test))
     _write_json(out / "metrics.json", metrics)
@@ -161,15 +219,27 @@ def cmd_evaluate(args) -> int:
     pyro.set_rng_seed(args.seed)
     result = _evaluate(vae, test, args.num_samples, args.progress)
     summary = _summary(result)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": meta["dataset"],
-                      "num_test": len(test), **summary}, indent=2))
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(args.checkpoint),
+                "dataset": meta["dataset"],
+                "num_test": len(test),
+                **summary,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
 def _config(args, x_dim, likelihood):
     name = args.preset or ("digits" if args.dataset == "digits" else "paper-mnist")
-    overrides = {"likelihood": likelihood, "inference": args.inference,
-                 "batch_norm": args.batch_norm}
+    overrides = {
+        "likelihood": likelihood,
+        "inference": args.inference,
+        "batch_norm": args.batch_norm,
+    }
     if args.latent_dims:
         overrides["latent_dims"] = args.latent_dims
     if args.hidden_dims:
@@ -191,8 +261,14 @@ def _test_set(data, dynamic: bool, limit: int | None) -> torch.Tensor:
 
 
 def _evaluate(vae, test, num_samples, progress) -> dict:
-    return evaluate(vae.model, vae.guide, test, num_samples=num_samples,
-                    iwae_k=tuple(k for k in (5, 50) if k <= num_samples), progress=progress)
+    return evaluate(
+        vae.model,
+        vae.guide,
+        test,
+        num_samples=num_samples,
+        iwae_k=tuple(k for k in (5, 50) if k <= num_samples),
+        progress=progress,
+    )
 
 
 def _summary(result) -> dict:
@@ -231,8 +307,11 @@ def _metrics(args, vae, result, epochs, warmup, train_seconds, num_test) -> dict
         "num_test": num_test,
         **_summary(result),
         "config": vae.config.to_dict(),
-        "versions": {"pyro_ladder": __version__, "pyro": pyro.__version__,
-                     "torch": torch.__version__},
+        "versions": {
+            "pyro_ladder": __version__,
+            "pyro": pyro.__version__,
+            "torch": torch.__version__,
+        },
     }
 
 
@@ -286,24 +365,32 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _write_pictures(out, vae, test, image_shape, history) -> None:
-    save_figure(image_grid(vae.sample(64), image_shape, 8, "samples from the prior"),
-                out / "samples.png")
+    save_figure(
+        image_grid(vae.sample(64), image_shape, 8, "samples from the prior"), out / "samples.png"
+    )
     originals = test[:32]
     pairs = torch.stack([originals, vae.reconstruct(originals)], 1).reshape(64, -1)
-    save_figure(image_grid(pairs, image_shape, 8, "data (odd) and reconstructions (even)"),
-                out / "reconstructions.png")
+    save_figure(
+        image_grid(pairs, image_shape, 8, "data (odd) and reconstructions (even)"),
+        out / "reconstructions.png",
+    )
     save_figure(training_curves(history), out / "curves.png")
 
 
 def _print_result(metrics: dict, out: Path) -> None:
-    print(f"test log-likelihood (K={metrics['eval_samples']}): "
-          f"{metrics['test_log_likelihood']:.2f} nats  [log p(x), higher is better]")
-    print(f"test ELBO: {metrics['test_elbo']:.2f} nats   train time: "
-          f"{metrics['train_seconds']:.0f} s")
+    print(
+        f"test log-likelihood (K={metrics['eval_samples']}): "
+        f"{metrics['test_log_likelihood']:.2f} nats  [log p(x), higher is better]"
+    )
+    print(
+        f"test ELBO: {metrics['test_elbo']:.2f} nats   train time: {metrics['train_seconds']:.0f} s"
+    )
     kl = ", ".join(f"{k} {v:.2f}" for k, v in metrics["kl_per_layer"].items())
     print(f"KL per layer (nats): {kl}")
-    print(f"wrote {out}/: checkpoint.pt metrics.json history.csv samples.png "
-          "reconstructions.png curves.png")
+    print(
+        f"wrote {out}/: checkpoint.pt metrics.json history.csv samples.png "
+        "reconstructions.png curves.png"
+    )
 
 
 def _sizes(text: str) -> tuple[int, ...]:

@@ -68,9 +68,7 @@ class LadderConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(
-                f"unknown config key(s) {unknown}; known keys are {sorted(known)}"
-            )
+            raise ConfigError(f"unknown config key(s) {unknown}; known keys are {sorted(known)}")
         try:
             return cls(**values)
         except TypeError as err:  # a missing required key such as x_dim

@@ -85,9 +85,7 @@ def log_likelihood(model, guide, data, *args, num_samples: int = 5000, **kwargs)
 
     Takes the options of :func:`evaluate`, which also returns the ELBO and ``IWAE_k``.
     """
-    return evaluate(model, guide, data, *args, num_samples=num_samples, **kwargs)[
-        "log_likelihood"
-    ]
+    return evaluate(model, guide, data, *args, num_samples=num_samples, **kwargs)["log_likelihood"]
 
 
 def _evaluate_batch(model, guide, x, args, kwargs, K, iwae_k, max_rows, nesting) -> dict:
@@ -223,8 +221,11 @@ def _add_lse(total, value):
 def _check_options(data, num_samples, iwae_k, batch_size, max_rows):
     if len(data) == 0:
         raise ConfigError("no data to evaluate: the data set is empty")
-    for name, v in [("num_samples", num_samples), ("batch_size", batch_size),
-                    ("max_rows", max_rows)]:
+    for name, v in [
+        ("num_samples", num_samples),
+        ("batch_size", batch_size),
+        ("max_rows", max_rows),
+    ]:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
     for k in iwae_k:

@@ -32,16 +32,18 @@ class TopDownInference(nn.Module):
         c = config
         inputs = (c.x_dim,) + c.hidden_dims[:-1]
         self.blocks = nn.ModuleList(
-            MLP(d_in, h, c.batch_norm, c.leaky_slope) for d_in, h in zip(inputs, c.hidden_dims)
+            MLP(d_in, h, c.batch_norm, c.leaky_slope)
+            for d_in, h in zip(inputs, c.hidden_dims, strict=True)
         )
         self.heads = nn.ModuleList(
-            GaussianHead(h, k, c.var_floor) for h, k in zip(c.hidden_dims, c.latent_dims)
+            GaussianHead(h, k, c.var_floor)
+            for h, k in zip(c.hidden_dims, c.latent_dims, strict=True)
         )
 
     def upward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The "approximate likelihood" ``(mu_hat_n, sigma_hat_n)`` for n = 1..L, each (B, k_n)."""
         out, d = [], x
-        for block, head in zip(self.blocks, self.heads):
+        for block, head in zip(self.blocks, self.heads, strict=True):
             d = block(d)  # (B, h_n)
             out.append(head(d))
         return out
@@ -73,7 +75,7 @@ class BottomUpInference(nn.Module):
         kw = dict(batch_norm=c.batch_norm, slope=c.leaky_slope, var_floor=c.var_floor)
         self.blocks = nn.ModuleList(
             GaussianBlock(d_in, h, k, **kw)
-            for d_in, h, k in zip(inputs, c.hidden_dims, c.latent_dims)
+            for d_in, h, k in zip(inputs, c.hidden_dims, c.latent_dims, strict=True)
         )
 
     def guide(self, x: torch.Tensor, generative: Generative | None = None) -> None:

@@ -10,8 +10,12 @@ import matplotlib.pyplot as plt
 import torch
 
 
-def image_grid(images: torch.Tensor, image_shape: tuple[int, int], ncols: int | None = None,
-               title: str | None = None):
+def image_grid(
+    images: torch.Tensor,
+    image_shape: tuple[int, int],
+    ncols: int | None = None,
+    title: str | None = None,
+):
     """A matplotlib figure showing ``images (N, H*W)`` as a grid of grey ``(H, W)`` tiles."""
     images = images.detach().cpu().reshape(-1, *image_shape)  # (N, H, W)
     n = images.shape[0]
@@ -44,8 +48,9 @@ def training_curves(history: list[dict]):
     """Loss per epoch (and monitored ELBO and per-site KL when present) from ``fit``'s history."""
     epochs = [r["epoch"] for r in history]
     kl_keys = sorted({k for r in history for k in r if k.startswith("kl_") and k != "kl_weight"})
-    fig, axes = plt.subplots(1, 2 if kl_keys else 1, figsize=(10 if kl_keys else 5, 3.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if kl_keys else 1, figsize=(10 if kl_keys else 5, 3.5), squeeze=False
+    )
     ax = axes[0, 0]
     ax.plot(epochs, [r["loss"] for r in history], label="training loss")
     if "monitor_elbo" in history[0]:

@@ -13,7 +13,7 @@ def test_round_trip_restores_config_weights_and_meta(tmp_path):
     path = save_checkpoint(tmp_path / "checkpoint.pt", vae, {"dataset": "frey-faces"})
     loaded, meta = load_checkpoint(path)
     assert loaded.config == vae.config and meta == {"dataset": "frey-faces"}
-    for (k, a), (_, b) in zip(vae.state_dict().items(), loaded.state_dict().items()):
+    for (k, a), (_, b) in zip(vae.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left
 

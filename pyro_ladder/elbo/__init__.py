@@ -56,15 +56,16 @@ def make_elbo(name: str, num_particles: int = 1, **options) -> ELBO:
 
     Particles are vectorized (one pass with a leading particle dimension) unless
     ``vectorize_particles=False`` is given. The ``jit-*`` estimators compile once per batch
-    shape and silence the JIT's tracer warnings unless ``ignore_jit_warnings=False``. Other ``options`` go to the Pyro class, e.g.
-    ``max_plate_nesting`` or, for ``"renyi"``, ``alpha``. Known names: see
+    shape and silence the JIT's tracer warnings unless ``ignore_jit_warnings=False``.
+    Other ``options`` go to the Pyro class, e.g. ``max_plate_nesting`` or, for
+    ``"renyi"``, ``alpha``. Known names: see
     :data:`ESTIMATORS` or :func:`describe_estimators`.
 
     :raises ConfigError: for an unknown name, a bad particle count or an unknown option.
     """
     if name not in ESTIMATORS:
         raise ConfigError(f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}")
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+    if not _is_positive_int(num_particles):
         raise ConfigError(f"num_particles must be a positive integer, got {num_particles!r}")
     est = ESTIMATORS[name]
     accepted = _accepted_options(est.cls)
@@ -93,3 +94,7 @@ def _accepted_options(cls) -> set[str]:
     params = inspect.signature(cls).parameters.values()
     named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return named - {"num_particles"}
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
