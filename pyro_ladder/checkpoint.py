@@ -8,11 +8,11 @@ run code; a file that holds anything else is refused with :class:`CheckpointErro
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ._util import atomic_write
 from .config import LadderConfig
 from .errors import CheckpointError, ConfigError
 from .vae import LadderVAE
@@ -36,17 +36,7 @@ def save_checkpoint(path: str | os.PathLike, vae: LadderVAE, meta: dict | None =
         "state_dict": vae.state_dict(),
         "meta": dict(meta or {}),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[LadderVAE, dict]:

@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pyro
 import torch
 
 from . import __version__
+from ._util import atomic_write
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import INFERENCES, LIKELIHOODS, PRESETS, preset
 from .data import DATASETS, binarize, load_dataset
@@ -354,14 +354,7 @@ def _csv_cell(value) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _write_pictures(out, vae, test, image_shape, history) -> None:
