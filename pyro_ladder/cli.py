@@ -191,6 +191,8 @@ def cmd_train(args) -> int:
         progress=args.progress,
     )
     train_seconds = time.perf_counter() - start
+    print(f"estimating log p(x) on {len(test)} test images with K={args.eval_samples} "
+          "importance samples (--eval-samples and --eval-limit trade accuracy for time)")
     result = _evaluate(vae, test, args.eval_samples, args.progress)
     meta = {
         "dataset": args.dataset,
@@ -364,7 +366,7 @@ def _write_pictures(out, vae, test, image_shape, history) -> None:
     originals = test[:32]
     pairs = torch.stack([originals, vae.reconstruct(originals)], 1).reshape(64, -1)
     save_figure(
-        image_grid(pairs, image_shape, 8, "data (odd) and reconstructions (even)"),
+        image_grid(pairs, image_shape, 8, "test image (left) and its reconstruction (right)"),
         out / "reconstructions.png",
     )
     save_figure(training_curves(history), out / "curves.png")
