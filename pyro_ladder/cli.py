@@ -191,8 +191,10 @@ def cmd_train(args) -> int:
         progress=args.progress,
     )
     train_seconds = time.perf_counter() - start
-    print(f"estimating log p(x) on {len(test)} test images with K={args.eval_samples} "
-          "importance samples (--eval-samples and --eval-limit trade accuracy for time)")
+    print(
+        f"estimating log p(x) on {len(test)} test images with K={args.eval_samples} "
+        "importance samples (--eval-samples and --eval-limit trade accuracy for time)"
+    )
     result = _evaluate(vae, test, args.eval_samples, args.progress)
     meta = {
         "dataset": args.dataset,

@@ -24,13 +24,11 @@ from collections import defaultdict
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.util import prune_subsample_sites
 from tqdm.auto import tqdm
 
+from ._traces import max_plate_nesting, per_datapoint, sample_sites
 from ._util import eval_mode, modules_of
 from .errors import ConfigError
-
-DATA_PLATE = "data"
 
 
 @torch.no_grad()
@@ -61,7 +59,7 @@ def evaluate(
     """
     _check_options(data, num_samples, iwae_k, batch_size, max_rows)
     with eval_mode(*modules_of(model, guide)):
-        nesting = _max_plate_nesting(model, guide, data[:batch_size], args, kwargs)
+        nesting = max_plate_nesting(model, guide, (data[:batch_size], *args), kwargs)
         parts = defaultdict(list)
         for start in tqdm(range(0, len(data), batch_size), disable=not progress, unit="batch"):
             x = data[start : start + batch_size]
@@ -131,17 +129,17 @@ def _log_weights(model, guide, x, args, kwargs, S, nesting):
         )
     log_w = x.new_zeros(S, x.shape[0])
     kl = {}
-    for name, site in _sample_sites(model_trace):
-        log_w = log_w + _per_datapoint(site, _log_prob(site), nesting)
+    for name, site in sample_sites(model_trace):
+        log_w = log_w + per_datapoint(site, _log_prob(site), nesting)
         if not site["is_observed"] and name not in guide_trace.nodes:
             raise ConfigError(
                 f"model site {name!r} has no guide site: every latent of the model must be "
                 "sampled by the guide for importance sampling"
             )
-    for name, q_site in _sample_sites(guide_trace):
+    for name, q_site in sample_sites(guide_trace):
         if q_site["is_observed"]:
             continue
-        log_q = _per_datapoint(q_site, _log_prob(q_site), nesting)
+        log_q = per_datapoint(q_site, _log_prob(q_site), nesting)
         log_w = log_w - log_q
         p_site = model_trace.nodes[name]
         kl[name] = _site_kl(q_site, p_site, log_q, nesting)
@@ -153,14 +151,8 @@ def _site_kl(q_site, p_site, log_q, nesting) -> torch.Tensor:
     try:
         value = torch.distributions.kl_divergence(q_site["fn"], p_site["fn"])
     except NotImplementedError:
-        return log_q - _per_datapoint(p_site, _log_prob(p_site), nesting)
-    return _per_datapoint(q_site, value, nesting)
-
-
-def _sample_sites(trace):
-    for name, site in prune_subsample_sites(trace).nodes.items():
-        if site["type"] == "sample":
-            yield name, site
+        return log_q - per_datapoint(p_site, _log_prob(p_site), nesting)
+    return per_datapoint(q_site, value, nesting)
 
 
 def _log_prob(site) -> torch.Tensor:
@@ -172,39 +164,6 @@ def _log_prob(site) -> torch.Tensor:
     if mask is not None and mask is not True:
         log_p = torch.where(mask, log_p, torch.zeros_like(log_p))
     return log_p
-
-
-def _per_datapoint(site, value: torch.Tensor, nesting: int) -> torch.Tensor:
-    """Reduce a site's ``log_prob`` to ``(S, B)``: sum every plate but particles and data."""
-    data_dims = [f.dim for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
-    if not data_dims or data_dims[0] is None:
-        raise ConfigError(
-            f"site {site['name']!r} is outside pyro.plate({DATA_PLATE!r}, ...): per-data-point "
-            "evaluation needs every sample site inside that plate"
-        )
-    full = nesting + 1
-    value = value.reshape((1,) * (full - value.dim()) + value.shape)  # (S|1, ..., B|1, ...)
-    keep = {0, full + data_dims[0]}
-    others = [d for d in range(full) if d not in keep]
-    if others:
-        value = value.sum(others, keepdim=True)
-    return value.reshape(value.shape[0], value.shape[full + data_dims[0]])  # (S|1, B|1)
-
-
-def _max_plate_nesting(model, guide, x, args, kwargs) -> int:
-    """Deepest plate used by the guide or the model, from one trace of each."""
-    guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-        x, *args, **kwargs
-    )
-    dims = [
-        -f.dim
-        for trace in (guide_trace, model_trace)
-        for _, site in _sample_sites(trace)
-        for f in site["cond_indep_stack"]
-        if f.vectorized
-    ]
-    return max(dims, default=1)
 
 
 def _chunk_size(K, B, max_rows, iwae_k) -> int:

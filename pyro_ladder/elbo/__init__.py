@@ -18,6 +18,19 @@ from pyro.infer import (
 )
 
 from ..errors import ConfigError
+from .weighted import CIWAE, IWAE_STL, MIWAE, STL, IWAE_DReG, WeightedELBO
+
+__all__ = [
+    "CIWAE",
+    "ESTIMATORS",
+    "IWAE_DReG",
+    "IWAE_STL",
+    "MIWAE",
+    "STL",
+    "WeightedELBO",
+    "describe_estimators",
+    "make_elbo",
+]
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,13 @@ ESTIMATORS: dict[str, Estimator] = {
         RenyiELBO, {"alpha": 0}, "importance-weighted bound, K = num_particles (RenyiELBO(0))"
     ),
     "renyi": Estimator(RenyiELBO, {}, "Renyi divergence bound, option alpha (RenyiELBO)"),
+    "iwae-dreg": Estimator(
+        IWAE_DReG, {}, "IWAE bound, doubly reparameterized gradients (Tucker et al. 2019)"
+    ),
+    "stl": Estimator(STL, {}, "ELBO, sticking-the-landing gradients (unbiased)"),
+    "iwae-stl": Estimator(IWAE_STL, {}, "IWAE bound, sticking-the-landing gradients (biased)"),
+    "miwae": Estimator(MIWAE, {}, "mean of M IWAE_K bounds; option outer=M, K=num_particles"),
+    "ciwae": Estimator(CIWAE, {}, "beta ELBO_K + (1 - beta) IWAE_K; option beta"),
     "jit-elbo": Estimator(JitTrace_ELBO, {}, "Trace_ELBO compiled with the PyTorch JIT"),
     "jit-meanfield": Estimator(
         JitTraceMeanField_ELBO, {}, "TraceMeanField_ELBO compiled with the PyTorch JIT"
@@ -76,7 +96,9 @@ def make_elbo(name: str, num_particles: int = 1, **options) -> ELBO:
             f"estimator {name!r} does not take option(s) {unknown + fixed}; "
             f"it takes {sorted(accepted - set(est.fixed))}"
         )
-    kwargs = {"vectorize_particles": num_particles > 1, **est.fixed, **options}
+    kwargs = {**est.fixed, **options}
+    if "vectorize_particles" in accepted:
+        kwargs.setdefault("vectorize_particles", num_particles > 1)
     if "ignore_jit_warnings" in accepted:
         # shape checks in batch norm and plates trace to constants; the JIT says so at every
         # compile, which is expected here: batches keep one size (fit drops the ragged one)

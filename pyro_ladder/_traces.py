@@ -1,0 +1,48 @@
+"""Trace helpers shared by evaluation and the estimators: per-data-point log-densities."""
+
+from __future__ import annotations
+
+import torch
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+
+from .errors import ConfigError
+
+DATA_PLATE = "data"
+
+
+def sample_sites(trace):
+    for name, site in prune_subsample_sites(trace).nodes.items():
+        if site["type"] == "sample":
+            yield name, site
+
+
+def per_datapoint(site, value: torch.Tensor, nesting: int) -> torch.Tensor:
+    """Reduce a site's ``log_prob`` to ``(S, B)``: sum every plate but particles and data."""
+    data_dims = [f.dim for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
+    if not data_dims or data_dims[0] is None:
+        raise ConfigError(
+            f"site {site['name']!r} is outside pyro.plate({DATA_PLATE!r}, ...): per-data-point "
+            "evaluation needs every sample site inside that plate"
+        )
+    full = nesting + 1
+    value = value.reshape((1,) * (full - value.dim()) + value.shape)  # (S|1, ..., B|1, ...)
+    keep = {0, full + data_dims[0]}
+    others = [d for d in range(full) if d not in keep]
+    if others:
+        value = value.sum(others, keepdim=True)
+    return value.reshape(value.shape[0], value.shape[full + data_dims[0]])  # (S|1, B|1)
+
+
+def max_plate_nesting(model, guide, args, kwargs) -> int:
+    """Deepest plate used by the guide or the model, from one trace of each."""
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    dims = [
+        -f.dim
+        for trace in (guide_trace, model_trace)
+        for _, site in sample_sites(trace)
+        for f in site["cond_indep_stack"]
+        if f.vectorized
+    ]
+    return max(dims, default=1)
