@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
@@ -46,3 +47,22 @@ def max_plate_nesting(model, guide, args, kwargs) -> int:
         if f.vectorized
     ]
     return max(dims, default=1)
+
+
+def split_parameters(model, guide, args, kwargs) -> tuple[dict, dict]:
+    """Unconstrained parameters as ``(guide_only, model)``, each ``{name: tensor}``.
+
+    ``model`` holds every parameter the model registers, including those the guide
+    shares (the ladder's prior networks); ``guide_only`` holds the rest of the guide's.
+    """
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    store = dict(pyro.get_param_store().named_parameters())
+
+    def names(trace):
+        return [n for n, s in trace.nodes.items() if s["type"] == "param"]
+
+    in_model = names(model_trace)
+    model_params = {n: store[n] for n in in_model}
+    guide_only = {n: store[n] for n in names(guide_trace) if n not in model_params}
+    return guide_only, model_params

@@ -73,7 +73,8 @@ COMBINATIONS = [(name, kind) for name in sorted(ESTIMATORS) for kind in PAIRS
 @pytest.mark.parametrize("name, kind", COMBINATIONS)
 def test_every_estimator_trains_every_pair(name, kind, digits):
     model, guide = _pair(kind)
-    particles = 3 if name in ("iwae", "renyi", "iwae-dreg", "iwae-stl", "miwae", "ciwae") else 1
+    weighted = ("iwae", "renyi", "iwae-dreg", "iwae-stl", "miwae", "ciwae", "piwae")
+    particles = 3 if name in weighted else 1
     before = _elbo(model, guide, digits)
     _train(model, guide, digits, name, particles)
     after = _elbo(model, guide, digits)

@@ -150,3 +150,32 @@ def test_dreg_leaves_pure_model_parameters_with_the_iwae_gradient(vae, x):
         elif name.startswith("inference"):
             assert not torch.allclose(d, i)  # guide parameters do get a different estimate
     assert checked > 0
+
+
+def test_piwae_gives_encoder_miwae_and_decoder_iwae_gradients(vae, x):
+    _, piwae = _loss_and_grads(make_elbo("piwae", 4, outer=2, max_plate_nesting=1), vae, x)
+    loss, _ = _loss_and_grads(make_elbo("piwae", 4, outer=2, max_plate_nesting=1), vae, x)
+    iwae_loss, iwae = _loss_and_grads(_pyro("iwae", 8), vae, x)
+    _, miwae = _loss_and_grads(make_elbo("miwae", 4, outer=2, max_plate_nesting=1), vae, x)
+    assert loss == pytest.approx(iwae_loss, rel=1e-12)
+    for (name, _), g, i, m in zip(vae.named_parameters(), piwae, iwae, miwae, strict=True):
+        expected = m if name.startswith("inference") else i  # prior nets: decoder
+        torch.testing.assert_close(g, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_condkl_semigradient_value_and_which_gradients_it_drops(vae, x):
+    from pyro.infer import TraceMeanField_ELBO
+
+    loss, sg = _loss_and_grads(make_elbo("elbo-condkl-sg", 4, max_plate_nesting=1), vae, x)
+    reference = TraceMeanField_ELBO(num_particles=4, vectorize_particles=True,
+                                    max_plate_nesting=1)
+    ref_loss, full = _loss_and_grads(reference, vae, x)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)  # the ELBO with analytic KL
+    grads = dict(zip([n for n, _ in vae.named_parameters()], zip(sg, full, strict=True),
+                     strict=True))
+    # z1's head produces no upper sample: its gradient is the ELBO's
+    for name in ("inference.heads.0.loc.weight", "generative.likelihood.logits.weight"):
+        torch.testing.assert_close(*grads[name], rtol=1e-9, atol=1e-10)
+    # z2's head produces the upper sample of KL(q(z1|z2,x) || p(z1|z2)): that path is dropped
+    g, f = grads["inference.heads.1.loc.weight"]
+    assert not torch.allclose(g, f)

@@ -18,10 +18,21 @@ from pyro.infer import (
 )
 
 from ..errors import ConfigError
-from .weighted import CIWAE, IWAE_STL, MIWAE, STL, IWAE_DReG, WeightedELBO
+from .weighted import (
+    CIWAE,
+    IWAE_STL,
+    MIWAE,
+    PIWAE,
+    STL,
+    CondKLSemiGradient,
+    IWAE_DReG,
+    WeightedELBO,
+)
 
 __all__ = [
     "CIWAE",
+    "CondKLSemiGradient",
+    "PIWAE",
     "ESTIMATORS",
     "IWAE_DReG",
     "IWAE_STL",
@@ -60,6 +71,12 @@ ESTIMATORS: dict[str, Estimator] = {
     "stl": Estimator(STL, {}, "ELBO, sticking-the-landing gradients (unbiased)"),
     "iwae-stl": Estimator(IWAE_STL, {}, "IWAE bound, sticking-the-landing gradients (biased)"),
     "miwae": Estimator(MIWAE, {}, "mean of M IWAE_K bounds; option outer=M, K=num_particles"),
+    "piwae": Estimator(
+        PIWAE, {}, "encoder MIWAE(M, K), decoder IWAE(M K) gradients; option outer=M"
+    ),
+    "elbo-condkl-sg": Estimator(
+        CondKLSemiGradient, {}, "ELBO; conditional KLs do not move upper samples (semi-gradient)"
+    ),
     "ciwae": Estimator(CIWAE, {}, "beta ELBO_K + (1 - beta) IWAE_K; option beta"),
     "jit-elbo": Estimator(JitTrace_ELBO, {}, "Trace_ELBO compiled with the PyTorch JIT"),
     "jit-meanfield": Estimator(

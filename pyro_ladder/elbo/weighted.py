@@ -66,7 +66,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 
-from .._traces import max_plate_nesting, per_datapoint, sample_sites
+from .._traces import max_plate_nesting, per_datapoint, sample_sites, split_parameters
 from ..errors import ConfigError
 
 
@@ -75,6 +75,13 @@ class _Draws(NamedTuple):
     log_q: torch.Tensor  # (S, B): log q(z~ | x) likewise
     live: dict  # site -> live reparameterized sample (S, ..., B, event)
     leaves: dict  # site -> detached copy with requires_grad
+    p_trace: object  # the model's trace at the detached samples
+    q_trace: object  # the guide's trace at the detached samples
+    nesting: int  # plates left of the event dims, the particle plate excluded
+
+    @property
+    def log_w(self) -> torch.Tensor:
+        return self.log_p - self.log_q
 
 
 class WeightedELBO(ELBO):
@@ -108,22 +115,17 @@ class WeightedELBO(ELBO):
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         draws = self._draw(model, guide, args, kwargs, track=True)
-        log_w = draws.log_p - draws.log_q  # (S, B)
-        c_p, c_q, c_path = self.coefficients(log_w.detach())
-        names = list(draws.leaves)
-        slopes = torch.autograd.grad(
-            (c_path * log_w).sum(),
-            [draws.leaves[n] for n in names],
-            retain_graph=True,
-            allow_unused=True,
-        )
-        surrogate = (c_p * draws.log_p).sum() - (c_q * draws.log_q).sum()
-        for name, slope in zip(names, slopes, strict=True):
-            if slope is not None:
-                surrogate = surrogate + (slope.detach() * draws.live[name]).sum()
+        log_w = draws.log_w.detach()  # (S, B)
+        surrogate = self._surrogate(draws, *self.coefficients(log_w))
         if surrogate.requires_grad:
             (-surrogate).backward()
-        return -self.objective(log_w.detach()).sum().item()
+        return -self.objective(log_w).sum().item()
+
+    @staticmethod
+    def _surrogate(draws: _Draws, c_p, c_q, c_path) -> torch.Tensor:
+        """``sum c_p log p - sum c_q log q + sum sg(c_path d log w / d z~) . z``."""
+        surrogate = (c_p * draws.log_p).sum() - (c_q * draws.log_q).sum()
+        return surrogate + _path_term(draws, (c_path * draws.log_w).sum())
 
     def _get_trace(self, model, guide, args, kwargs):
         """One ``(model_trace, guide_trace)`` pair, for Pyro's generic ELBO helpers."""
@@ -161,7 +163,25 @@ class WeightedELBO(ELBO):
         log_q = _sum_sites(q_trace, nesting, set(leaves))
         log_p = _sum_sites(p_trace, nesting, None)
         shape = torch.broadcast_shapes(log_p.shape, log_q.shape)
-        return _Draws(log_p.expand(shape), log_q.expand(shape), live, leaves)
+        return _Draws(
+            log_p.expand(shape), log_q.expand(shape), live, leaves, p_trace, q_trace, nesting
+        )
+
+
+def _path_term(draws: _Draws, scalar: torch.Tensor) -> torch.Tensor:
+    """``sum_l sg(d scalar / d z~_l) . z_l``: carries ``scalar``'s sample gradient into the
+    parameters through the live reparameterized samples."""
+    names = [n for n in draws.leaves if draws.leaves[n].requires_grad]
+    if not names or not scalar.requires_grad:
+        return scalar.new_zeros(())
+    slopes = torch.autograd.grad(
+        scalar, [draws.leaves[n] for n in names], retain_graph=True, allow_unused=True
+    )
+    total = scalar.new_zeros(())
+    for name, slope in zip(names, slopes, strict=True):
+        if slope is not None:
+            total = total + (slope.detach() * draws.live[name]).sum()
+    return total
 
 
 def _sum_sites(trace, nesting, only) -> torch.Tensor:
@@ -247,3 +267,91 @@ class CIWAE(WeightedELBO):
 
     def objective(self, log_w):
         return self.beta * log_w.mean(0) + (1 - self.beta) * _iwae(log_w)
+
+
+class PIWAE(MIWAE):
+    """Partially importance-weighted (``"piwae"``; Rainforth et al. 2018): from the same
+    ``M * K`` draws the encoder gets the ``MIWAE(M, K)`` gradient and the decoder the
+    ``IWAE(M K)`` gradient. The loss value is ``IWAE(M K)``.
+
+    Encoder and decoder are split by where parameters are registered: the decoder is every
+    parameter the model registers, parameters the guide shares with it included (the
+    ladder's prior networks, which define ``p(z_i | z_{i+1})`` and serve the merge); the
+    encoder is the guide's own remaining parameters. The prior networks go with the decoder
+    because they are parameters of the generative model, whose gradient signal improves
+    with more samples, while the encoder's falls (Rainforth et al. 2018).
+    """
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            log_w = self._draw(model, guide, args, kwargs, track=False).log_w
+        return -_iwae(log_w).sum().item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        draws = self._draw(model, guide, args, kwargs, track=True)
+        log_w = draws.log_w.detach()
+        c_dec = log_w.softmax(0)  # dIWAE(MK)/dlog w
+        c_enc = self._dF(log_w)  # dMIWAE(M, K)/dlog w
+        encoder, _ = split_parameters(model, guide, args, kwargs)
+        enc_surrogate = self._surrogate(draws, c_enc, c_enc, c_enc)
+        enc_params = list(encoder.values())
+        enc_grads = torch.autograd.grad(
+            -enc_surrogate, enc_params, retain_graph=True, allow_unused=True
+        )
+        (-self._surrogate(draws, c_dec, c_dec, c_dec)).backward()
+        for param, grad in zip(enc_params, enc_grads, strict=True):
+            param.grad = torch.zeros_like(param) if grad is None else grad
+        return -_iwae(log_w).sum().item()
+
+
+class CondKLSemiGradient(WeightedELBO):
+    r"""The ELBO whose conditional KL terms do not move the upper samples
+    (``"elbo-condkl-sg"``, the scheme proposed in the seed note on hierarchical posteriors).
+
+    Value: ``E_q[log p(x | z)] - sum_l E_q[KL(q(z_l | z_{>l}, x) || p(z_l | z_{>l}))]`` with
+    analytic KL terms, averaged over ``num_particles`` draws. Gradient: the reconstruction
+    term's full reparameterized gradient; each KL term's gradient with the upper samples
+    ``z_{>l}`` held fixed, so it reaches the parameters that enter the conditional directly
+    but not, through ``z_{>l}``, the parameters that produced them. This is a
+    **semi-gradient**: it is not the gradient of any objective (the dropped path terms are
+    part of the ELBO's gradient), so it is an algorithmic choice to be judged by results.
+    """
+
+    def objective(self, log_w):  # the value comes from analytic terms, see _terms
+        raise NotImplementedError("CondKLSemiGradient scores with analytic KL terms")
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            rec, kl = self._terms(self._draw(model, guide, args, kwargs, track=False))
+        return -(rec - kl).mean(0).sum().item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        draws = self._draw(model, guide, args, kwargs, track=True)
+        rec, kl = self._terms(draws)  # (S, B) each
+        S = rec.shape[0]
+        surrogate = (rec - kl).sum() / S + _path_term(draws, rec.sum() / S)
+        (-surrogate).backward()
+        return -(rec - kl).detach().mean(0).sum().item()
+
+    def _terms(self, draws: _Draws):
+        """Reconstruction ``(S, B)`` (observed sites) and summed conditional KL ``(S, B)``."""
+        rec = 0.0
+        for name, site in sample_sites(draws.p_trace):
+            if name not in draws.leaves:
+                log_p = site["fn"].log_prob(site["value"])
+                rec = rec + per_datapoint(
+                    site, scale_and_mask(log_p, site["scale"], site["mask"]), draws.nesting
+                )
+        kl = 0.0
+        for name in draws.leaves:
+            q_site, p_site = draws.q_trace.nodes[name], draws.p_trace.nodes[name]
+            try:
+                value = torch.distributions.kl_divergence(q_site["fn"], p_site["fn"])
+            except NotImplementedError:
+                raise ConfigError(
+                    f"elbo-condkl-sg needs an analytic KL at site {name!r} "
+                    f"({type(q_site['fn']).__name__} vs {type(p_site['fn']).__name__})"
+                ) from None
+            value = scale_and_mask(value, q_site["scale"], q_site["mask"])
+            kl = kl + per_datapoint(q_site, value, draws.nesting)
+        return rec, kl
