@@ -1,0 +1,94 @@
+"""Gradient signal-to-noise ratio against the number of importance samples K.
+
+Trains a ladder briefly with the ELBO, then, at those fixed parameters, measures the guide's
+and the model's gradient SNR (pyro_ladder.diagnostics.gradient_snr) for iwae, iwae-dreg,
+miwae (M = 4 outer bounds of K) and ciwae (beta = 0.5) at K in {1, 4, 16, 64}, and the
+effective sample size of K draws. Writes snr.json and snr.png into --out.
+
+    python experiments/gradient_snr.py --data-dir ../shared/data --out docs/results/snr
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pyro
+import torch
+
+from pyro_ladder import LadderVAE, fit, make_elbo, preset
+from pyro_ladder.data import binarize, load_dataset
+from pyro_ladder.diagnostics import effective_sample_size, gradient_snr
+
+ESTIMATORS = {"iwae": {}, "iwae-dreg": {}, "miwae": {"outer": 4}, "ciwae": {"beta": 0.5}}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="binarized-mnist")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--preset", default="paper-mnist")
+    p.add_argument("--train-images", type=int, default=10000)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16, help="images in the SNR batch")
+    p.add_argument("--draws", type=int, default=24, help="gradient draws per SNR estimate")
+    p.add_argument("--ks", default="1,4,16,64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("docs/results/snr"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    pyro.set_rng_seed(args.seed)
+    data = load_dataset(args.dataset, args.data_dir)
+    grey = data.kind == "grey"
+    vae = LadderVAE.from_config(preset(args.preset, data.x_dim))
+    start = time.perf_counter()
+    fit(vae.model, vae.guide, data.train[: args.train_images], epochs=args.epochs,
+        warmup_epochs=0, binarize=grey, seed=args.seed, progress=False)
+    train_seconds = time.perf_counter() - start
+    x = data.test[: args.batch]
+    x = binarize(x, generator=torch.Generator().manual_seed(0)) if grey else x
+    vae.eval()  # fixed batch-norm statistics: the gradient noise is the estimator's alone
+    ks = [int(k) for k in args.ks.split(",")]
+    rows = []
+    for k in ks:
+        ess = effective_sample_size(vae.model, vae.guide, x, num_samples=k).mean().item()
+        for name, options in ESTIMATORS.items():
+            snr = gradient_snr(vae.model, vae.guide, make_elbo(name, k, **options), x,
+                               num_draws=args.draws)
+            rows.append({"estimator": name, "K": k, "ess": ess, "guide": snr["guide"],
+                         "model": snr["model"]})
+            print(f"K={k:3d} {name:10s} guide SNR {snr['guide']['aggregate']:.3g} "
+                  f"model SNR {snr['model']['aggregate']:.3g}  ESS {ess:.2f}")
+    result = {"args": {k: str(v) for k, v in vars(args).items()},
+              "train_seconds": train_seconds, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "snr.json").write_text(json.dumps(result, indent=2) + "\n")
+    _figure(rows, ks).savefig(args.out / "snr.png", dpi=100)
+    plt.close("all")
+    return result
+
+
+def _figure(rows, ks):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for group, ax in zip(("guide", "model"), axes[:2], strict=True):
+        for name in ESTIMATORS:
+            values = [r[group]["aggregate"] for r in rows if r["estimator"] == name]
+            ax.plot(ks, values, marker="o", label=name)
+        ax.set(xscale="log", yscale="log", xlabel="K (importance samples)",
+               ylabel="SNR (mean^2 / variance)", title=f"{group} parameters")
+        ax.legend()
+    ess = [next(r["ess"] for r in rows if r["K"] == k) for k in ks]
+    axes[2].plot(ks, [e / k for e, k in zip(ess, ks, strict=True)], marker="o")
+    axes[2].set(xscale="log", xlabel="K", ylabel="ESS / K", title="effective sample size")
+    fig.tight_layout()
+    return fig
+
+
+if __name__ == "__main__":
+    main()
