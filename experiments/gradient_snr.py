@@ -2,7 +2,8 @@
 
 Trains a ladder briefly with the ELBO, then, at those fixed parameters, measures the guide's
 and the model's gradient SNR (pyro_ladder.diagnostics.gradient_snr) for iwae, iwae-dreg,
-miwae (M = 4 outer bounds of K) and ciwae (beta = 0.5) at K in {1, 4, 16, 64}, and the
+iwae-dreg with DReG on the shared prior networks too, miwae (M = 4 outer bounds of K) and
+ciwae (beta = 0.5) at K in {1, 4, 16, 64}, and the
 effective sample size of K draws. Writes snr.json and snr.png into --out.
 
     python experiments/gradient_snr.py --data-dir ../shared/data --out docs/results/snr
@@ -23,7 +24,13 @@ from pyro_ladder import LadderVAE, fit, make_elbo, preset
 from pyro_ladder.data import binarize, load_dataset
 from pyro_ladder.diagnostics import effective_sample_size, gradient_snr
 
-ESTIMATORS = {"iwae": {}, "iwae-dreg": {}, "miwae": {"outer": 4}, "ciwae": {"beta": 0.5}}
+ESTIMATORS = {  # label: (make_elbo name, options)
+    "iwae": ("iwae", {}),
+    "iwae-dreg": ("iwae-dreg", {}),
+    "iwae-dreg shared=dreg": ("iwae-dreg", {"shared": "dreg"}),
+    "miwae M=4": ("miwae", {"outer": 4}),
+    "ciwae beta=0.5": ("ciwae", {"beta": 0.5}),
+}
 
 
 def parse(argv=None):
@@ -58,13 +65,13 @@ def main(argv=None) -> dict:
     rows = []
     for k in ks:
         ess = effective_sample_size(vae.model, vae.guide, x, num_samples=k).mean().item()
-        for name, options in ESTIMATORS.items():
+        for label, (name, options) in ESTIMATORS.items():
             snr = gradient_snr(vae.model, vae.guide, make_elbo(name, k, **options), x,
                                num_draws=args.draws)
-            rows.append({"estimator": name, "K": k, "ess": ess, "guide": snr["guide"],
-                         "model": snr["model"]})
-            print(f"K={k:3d} {name:10s} guide SNR {snr['guide']['aggregate']:.3g} "
-                  f"model SNR {snr['model']['aggregate']:.3g}  ESS {ess:.2f}")
+            rows.append({"estimator": label, "K": k, "ess": ess,
+                         **{g: snr[g] for g in GROUPS}})
+            print(f"K={k:3d} {label:22s} " + "  ".join(
+                f"{g} SNR {snr[g]['aggregate']:.3g}" for g in GROUPS) + f"  ESS {ess:.2f}")
     result = {"args": {k: str(v) for k, v in vars(args).items()},
               "train_seconds": train_seconds, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -74,18 +81,23 @@ def main(argv=None) -> dict:
     return result
 
 
+GROUPS = ("guide", "model", "shared")
+
+
 def _figure(rows, ks):
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for group, ax in zip(("guide", "model"), axes[:2], strict=True):
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    titles = {"guide": "guide's own parameters", "model": "model parameters (all)",
+              "shared": "shared prior networks"}
+    for group, ax in zip(GROUPS, axes[:3], strict=True):
         for name in ESTIMATORS:
             values = [r[group]["aggregate"] for r in rows if r["estimator"] == name]
             ax.plot(ks, values, marker="o", label=name)
         ax.set(xscale="log", yscale="log", xlabel="K (importance samples)",
-               ylabel="SNR (mean^2 / variance)", title=f"{group} parameters")
-        ax.legend()
+               ylabel="SNR (mean^2 / variance)", title=titles[group])
+        ax.legend(fontsize=7)
     ess = [next(r["ess"] for r in rows if r["K"] == k) for k in ks]
-    axes[2].plot(ks, [e / k for e, k in zip(ess, ks, strict=True)], marker="o")
-    axes[2].set(xscale="log", xlabel="K", ylabel="ESS / K", title="effective sample size")
+    axes[3].plot(ks, [e / k for e, k in zip(ess, ks, strict=True)], marker="o")
+    axes[3].set(xscale="log", xlabel="K", ylabel="ESS / K", title="effective sample size")
     fig.tight_layout()
     return fig
 

@@ -49,11 +49,12 @@ def max_plate_nesting(model, guide, args, kwargs) -> int:
     return max(dims, default=1)
 
 
-def split_parameters(model, guide, args, kwargs) -> tuple[dict, dict]:
-    """Unconstrained parameters as ``(guide_only, model)``, each ``{name: tensor}``.
+def split_parameters(model, guide, args, kwargs) -> tuple[dict, dict, dict]:
+    """Unconstrained parameters as ``(guide_only, model, shared)``, each ``{name: tensor}``.
 
     ``model`` holds every parameter the model registers, including those the guide
-    shares (the ladder's prior networks); ``guide_only`` holds the rest of the guide's.
+    shares (the ladder's prior networks), which ``shared`` lists on their own;
+    ``guide_only`` holds the rest of the guide's.
     """
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
@@ -64,5 +65,7 @@ def split_parameters(model, guide, args, kwargs) -> tuple[dict, dict]:
 
     in_model = names(model_trace)
     model_params = {n: store[n] for n in in_model}
-    guide_only = {n: store[n] for n in names(guide_trace) if n not in model_params}
-    return guide_only, model_params
+    in_guide = names(guide_trace)
+    guide_only = {n: store[n] for n in in_guide if n not in model_params}
+    shared = {n: store[n] for n in in_guide if n in model_params}
+    return guide_only, model_params, shared

@@ -17,15 +17,20 @@ def gradient_snr(model, guide, elbo, data, *args, num_draws: int = 64, **kwargs)
     and ``median`` (elements with zero spread are left out), and ``aggregate``: the mean
     of the squared means over the mean of the variances (Tucker et al. 2019's summary, on
     the squared scale). Groups: ``"guide"`` holds the guide's own parameters, ``"model"``
-    every parameter the model registers, those it shares with the guide included.
+    every parameter the model registers, those it shares with the guide included, and
+    ``"shared"`` those shared ones alone (empty for a guide with its own networks).
     Leaves the parameters' ``.grad`` cleared.
 
-    :returns: ``{"guide": {...}, "model": {...}, "num_draws": n}``.
+    :returns: ``{"guide": {...}, "model": {...}, "shared": {...}, "num_draws": n}``.
     """
     if not isinstance(num_draws, int) or num_draws < 2:
         raise ConfigError(f"num_draws must be an integer >= 2, got {num_draws!r}")
-    guide_only, model_params = split_parameters(model, guide, (data, *args), kwargs)
-    groups = {"guide": list(guide_only.values()), "model": list(model_params.values())}
+    guide_only, model_params, shared = split_parameters(model, guide, (data, *args), kwargs)
+    groups = {
+        "guide": list(guide_only.values()),
+        "model": list(model_params.values()),
+        "shared": list(shared.values()),
+    }
     everything = groups["guide"] + groups["model"]
     draws = {name: [] for name in groups}
     for _ in range(num_draws):

@@ -25,15 +25,17 @@ def _loss_and_grads(elbo, vae, x, seed=3):
     vae.zero_grad(set_to_none=True)
     pyro.set_rng_seed(seed)
     loss = elbo.loss_and_grads(vae.model, vae.guide, x)
-    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-             for p in vae.parameters()]
+    grads = [
+        p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in vae.parameters()
+    ]
     return loss, grads
 
 
 def _pyro(name, particles):
     if name == "iwae":
-        return RenyiELBO(alpha=0, num_particles=particles, vectorize_particles=True,
-                         max_plate_nesting=1)
+        return RenyiELBO(
+            alpha=0, num_particles=particles, vectorize_particles=True, max_plate_nesting=1
+        )
     return Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
 
 
@@ -46,8 +48,9 @@ def _pyro(name, particles):
         ("miwae", {"outer": 8}, 1, ("elbo", 8)),
     ],
 )
-def test_identities_hold_exactly_for_value_and_gradient(vae, x, ours, options, particles,
-                                                        reference):
+def test_identities_hold_exactly_for_value_and_gradient(
+    vae, x, ours, options, particles, reference
+):
     mine = make_elbo(ours, particles, max_plate_nesting=1, **options)
     loss, grads = _loss_and_grads(mine, vae, x)
     ref_loss, ref_grads = _loss_and_grads(_pyro(*reference), vae, x)
@@ -56,8 +59,9 @@ def test_identities_hold_exactly_for_value_and_gradient(vae, x, ours, options, p
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("ours, reference", [("iwae-dreg", "iwae"), ("iwae-stl", "iwae"),
-                                             ("stl", "elbo")])
+@pytest.mark.parametrize(
+    "ours, reference", [("iwae-dreg", "iwae"), ("iwae-stl", "iwae"), ("stl", "elbo")]
+)
 def test_loss_values_equal_the_bound_they_estimate(vae, x, ours, reference):
     loss, _ = _loss_and_grads(make_elbo(ours, 8, max_plate_nesting=1), vae, x)
     ref_loss, _ = _loss_and_grads(_pyro(reference, 8), vae, x)
@@ -67,18 +71,22 @@ def test_loss_values_equal_the_bound_they_estimate(vae, x, ours, reference):
     assert value == pytest.approx(ref_loss, rel=1e-12)
 
 
-def _gradient_draws(name, particles, repeats=24, rows=2048):
+def _gradient_draws(name, particles, repeats=24, rows=2048, **options):
     """``repeats`` independent mean gradients, each over ``rows`` iid draws: (R, P)."""
     torch.manual_seed(11)
     vae = LadderVAE(4, (2, 2), (5, 5), batch_norm=False).double()
     x = torch.tensor([[1.0, 0.0, 1.0, 1.0]], dtype=torch.float64).expand(rows, 4)
-    elbo = make_elbo(name, particles, max_plate_nesting=1)
+    elbo = make_elbo(name, particles, max_plate_nesting=1, **options)
     draws = []
     for r in range(repeats):
         _, grads = _loss_and_grads(elbo, vae, x, seed=100 + r)
         draws.append(torch.cat([g.flatten() for g in grads]) / rows)
-    kinds = torch.cat([torch.full((p.numel(),), name.startswith("inference"))
-                       for name, p in vae.named_parameters()])
+    kinds = torch.cat(
+        [
+            torch.full((p.numel(),), name.startswith("inference"))
+            for name, p in vae.named_parameters()
+        ]
+    )
     return torch.stack(draws), kinds
 
 
@@ -87,10 +95,16 @@ def _z_scores(a, b):
     return (a.mean(0) - b.mean(0)).abs() / (se + 1e-12)
 
 
-@pytest.mark.parametrize("ours, reference, particles", [("iwae-dreg", "iwae", 8),
-                                                        ("stl", "elbo", 1)])
-def test_unbiased_for_every_parameter_shared_ones_included(ours, reference, particles):
-    mine, kinds = _gradient_draws(ours, particles)
+@pytest.mark.parametrize(
+    "ours, options, reference, particles",
+    [
+        ("iwae-dreg", {"shared": "dreg"}, "iwae", 8),
+        ("iwae-dreg", {"shared": "iwae"}, "iwae", 8),
+        ("stl", {}, "elbo", 1),
+    ],
+)
+def test_unbiased_for_every_parameter_shared_ones_included(ours, options, reference, particles):
+    mine, kinds = _gradient_draws(ours, particles, **options)
     ref, _ = _gradient_draws(reference, particles)
     z = _z_scores(mine, ref)
     # every parameter, guide-only, model-only and the prior nets the ladder guide shares
@@ -110,8 +124,9 @@ def _snr(draws):
     return (draws.mean(0).square().mean() / draws.var(0).mean()).sqrt()
 
 
-def test_dreg_raises_the_guide_gradient_snr_at_k64():
-    dreg, kinds = _gradient_draws("iwae-dreg", 64, repeats=16, rows=64)
+@pytest.mark.parametrize("shared", ["dreg", "iwae"])
+def test_dreg_raises_the_guide_gradient_snr_at_k64(shared):
+    dreg, kinds = _gradient_draws("iwae-dreg", 64, repeats=16, rows=64, shared=shared)
     iwae, _ = _gradient_draws("iwae", 64, repeats=16, rows=64)
     assert _snr(dreg[:, kinds]) > 1.5 * _snr(iwae[:, kinds])
 
@@ -167,15 +182,26 @@ def test_condkl_semigradient_value_and_which_gradients_it_drops(vae, x):
     from pyro.infer import TraceMeanField_ELBO
 
     loss, sg = _loss_and_grads(make_elbo("elbo-condkl-sg", 4, max_plate_nesting=1), vae, x)
-    reference = TraceMeanField_ELBO(num_particles=4, vectorize_particles=True,
-                                    max_plate_nesting=1)
+    reference = TraceMeanField_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
     ref_loss, full = _loss_and_grads(reference, vae, x)
     assert loss == pytest.approx(ref_loss, rel=1e-12)  # the ELBO with analytic KL
-    grads = dict(zip([n for n, _ in vae.named_parameters()], zip(sg, full, strict=True),
-                     strict=True))
+    grads = dict(
+        zip([n for n, _ in vae.named_parameters()], zip(sg, full, strict=True), strict=True)
+    )
     # z1's head produces no upper sample: its gradient is the ELBO's
     for name in ("inference.heads.0.loc.weight", "generative.likelihood.logits.weight"):
         torch.testing.assert_close(*grads[name], rtol=1e-9, atol=1e-10)
     # z2's head produces the upper sample of KL(q(z1|z2,x) || p(z1|z2)): that path is dropped
     g, f = grads["inference.heads.1.loc.weight"]
     assert not torch.allclose(g, f)
+
+
+def test_dreg_shared_iwae_splits_the_gradient_by_registration(vae, x):
+    _, split = _loss_and_grads(make_elbo("iwae-dreg", 8, max_plate_nesting=1), vae, x)
+    _, full = _loss_and_grads(make_elbo("iwae-dreg", 8, shared="dreg", max_plate_nesting=1), vae, x)
+    _, iwae = _loss_and_grads(_pyro("iwae", 8), vae, x)
+    for (name, _), s, f, i in zip(vae.named_parameters(), split, full, iwae, strict=True):
+        expected = f if name.startswith("inference") else i  # prior nets: plain IWAE
+        torch.testing.assert_close(s, expected, rtol=1e-9, atol=1e-10)
+    with pytest.raises(ConfigError, match="shared"):
+        make_elbo("iwae-dreg", 8, shared="both")
