@@ -1,6 +1,7 @@
 """pyro_ladder: hierarchical VAEs (the Ladder VAE and its bottom-up baseline) in Pyro."""
 
 from .config import PRESETS, LadderConfig, preset
+from .diagnostics import effective_sample_size, gradient_snr
 from .elbo import ESTIMATORS, make_elbo
 from .errors import CheckpointError, ConfigError, DataError, PyroLadderError, TrainingError
 from .evaluate import evaluate, log_likelihood
@@ -22,8 +23,10 @@ __all__ = [
     "LatentWeight",
     "PyroLadderError",
     "TrainingError",
+    "effective_sample_size",
     "evaluate",
     "fit",
+    "gradient_snr",
     "kl_weight",
     "log_likelihood",
     "make_elbo",

@@ -60,12 +60,15 @@ def split_parameters(model, guide, args, kwargs) -> tuple[dict, dict, dict]:
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     store = dict(pyro.get_param_store().named_parameters())
 
-    def names(trace):
-        return [n for n, s in trace.nodes.items() if s["type"] == "param"]
+    def params(trace):  # by tensor identity: one tensor may be registered under two names
+        found = {}
+        for name, site in trace.nodes.items():
+            if site["type"] == "param":
+                found.setdefault(id(store[name]), (name, store[name]))
+        return found
 
-    in_model = names(model_trace)
-    model_params = {n: store[n] for n in in_model}
-    in_guide = names(guide_trace)
-    guide_only = {n: store[n] for n in in_guide if n not in model_params}
-    shared = {n: store[n] for n in in_guide if n in model_params}
+    in_model, in_guide = params(model_trace), params(guide_trace)
+    model_params = dict(in_model.values())
+    guide_only = dict(v for k, v in in_guide.items() if k not in in_model)
+    shared = dict(v for k, v in in_guide.items() if k in in_model)
     return guide_only, model_params, shared

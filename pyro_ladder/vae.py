@@ -6,6 +6,7 @@ import itertools
 
 import pyro
 import torch
+from pyro.params import param_with_module_name
 from torch import nn
 
 from ._util import eval_mode
@@ -80,8 +81,16 @@ class LadderVAE(nn.Module):
         """Pyro guide ``q(z | x)`` matching :meth:`model`, for ``x (B, x_dim)``."""
         pyro.module(f"{self.pyro_name}.inference", self.inference)
         if self.config.inference == "top-down":  # the merge uses the model's prior nets
-            pyro.module(f"{self.pyro_name}.generative", self.generative)
+            self._register_priors()
         self.inference.guide(x, self.generative)
+
+    def _register_priors(self) -> None:
+        """Register the prior networks under the names the model gives them, so the guide's
+        trace lists exactly the parameters it shares (not the unused likelihood net) and
+        each tensor keeps one name (Pyro's JIT needs that)."""
+        prefix = f"{self.pyro_name}.generative"
+        for name, param in self.generative.priors.named_parameters():
+            pyro.param(param_with_module_name(prefix, f"priors.{name}"), param)
 
     def check_data(self, x: torch.Tensor) -> None:
         """Raise :class:`DataError` if ``x`` does not suit this model (shape, support)."""

@@ -34,3 +34,15 @@ def test_effective_sample_size_lies_between_one_and_k():
     vae, x = _setup()
     ess = effective_sample_size(vae.model, vae.guide, x[:5], num_samples=50)
     assert ess.shape == (5,) and (ess >= 1).all() and (ess <= 50 + 1e-9).all()
+
+
+def test_parameter_groups_follow_registration():
+    vae, x = _setup()
+    snr = gradient_snr(vae.model, vae.guide, make_elbo("elbo"), x, num_draws=2)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert snr["guide"]["num_params"] == count(vae.inference)
+    assert snr["model"]["num_params"] == count(vae.generative)
+    assert snr["shared"]["num_params"] == count(vae.generative.priors)
+    bottom_up = LadderVAE(4, (2, 2), (5, 5), inference="bottom-up", batch_norm=False).double()
+    snr = gradient_snr(bottom_up.model, bottom_up.guide, make_elbo("elbo"), x, num_draws=2)
+    assert snr["shared"]["num_params"] == 0

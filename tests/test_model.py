@@ -46,6 +46,7 @@ def test_top_down_guide_uses_the_model_prior_networks():
     guide_trace, _ = _traces(vae, torch.zeros(5, 10))
     guide_params = {n for n, s in guide_trace.nodes.items() if s["type"] == "param"}
     assert any(".generative$$$priors.0." in n for n in guide_params)
+    assert not any("likelihood" in n for n in guide_params)
 
 
 @pytest.mark.parametrize("inference", ["top-down", "bottom-up"])
