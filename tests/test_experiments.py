@@ -23,3 +23,12 @@ def test_gradient_snr_experiment_smoke(tmp_path):
     assert len(saved["rows"]) == len(result["rows"]) == 2 * len(snr.ESTIMATORS)
     assert (tmp_path / "snr.png").stat().st_size > 0
     assert all(r["guide"]["num_params"] > 0 for r in saved["rows"])
+
+
+def test_compare_estimators_smoke(tmp_path):
+    compare = _load("compare_estimators")
+    rows = compare.main(["--preset", "small", "--epochs", "1", "--seeds", "0",
+                         "--eval-samples", "5", "--out", str(tmp_path / "c.json")])
+    assert [r["estimator"] for r in rows] == ["meanfield", "elbo-condkl-sg"]
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert all(r["test_elbo"] <= r["test_log_likelihood"] < 0 for r in saved["rows"])
