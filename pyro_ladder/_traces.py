@@ -58,6 +58,11 @@ def split_parameters(model, guide, args, kwargs) -> tuple[dict, dict, dict]:
     """
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return split_traced_parameters(model_trace, guide_trace)
+
+
+def split_traced_parameters(model_trace, guide_trace) -> tuple[dict, dict, dict]:
+    """:func:`split_parameters` from traces already taken."""
     store = dict(pyro.get_param_store().named_parameters())
 
     def params(trace):  # by tensor identity: one tensor may be registered under two names

@@ -66,7 +66,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 
-from .._traces import max_plate_nesting, per_datapoint, sample_sites, split_parameters
+from .._traces import max_plate_nesting, per_datapoint, sample_sites, split_traced_parameters
 from ..errors import ConfigError
 
 
@@ -111,7 +111,7 @@ class WeightedELBO(ELBO):
         """``-sum_b F_b``, the negative objective summed over the batch."""
         with torch.no_grad():
             draws = self._draw(model, guide, args, kwargs, track=False)
-            return -self.objective(draws.log_p - draws.log_q).sum().item()
+            return -self.objective(draws.log_w).sum().item()
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         draws = self._draw(model, guide, args, kwargs, track=True)
@@ -127,10 +127,10 @@ class WeightedELBO(ELBO):
         surrogate = (c_p * draws.log_p).sum() - (c_q * draws.log_q).sum()
         return surrogate + _path_term(draws, (c_path * draws.log_w).sum())
 
-    def _split_backward(self, draws, guide_coeffs, model_coeffs, model, guide, args, kwargs):
+    def _split_backward(self, draws, guide_coeffs, model_coeffs):
         """Gradients from ``model_coeffs`` for the parameters the model registers and from
         ``guide_coeffs`` for the guide's own; each group's estimate stays what it was."""
-        guide_only, _, _ = split_parameters(model, guide, args, kwargs)
+        guide_only, _, _ = split_traced_parameters(draws.p_trace, draws.q_trace)
         params = list(guide_only.values())
         guide_surrogate = self._surrogate(draws, *guide_coeffs)
         grads = torch.autograd.grad(-guide_surrogate, params, retain_graph=True, allow_unused=True)
@@ -249,9 +249,7 @@ class IWAE_DReG(WeightedELBO):
         draws = self._draw(model, guide, args, kwargs, track=True)
         log_w = draws.log_w.detach()
         w_bar = log_w.softmax(0)
-        self._split_backward(
-            draws, self.coefficients(log_w), (w_bar,) * 3, model, guide, args, kwargs
-        )
+        self._split_backward(draws, self.coefficients(log_w), (w_bar,) * 3)
         return -_iwae(log_w).sum().item()
 
 
@@ -328,7 +326,7 @@ class PIWAE(MIWAE):
         log_w = draws.log_w.detach()
         c_dec = log_w.softmax(0)  # dIWAE(MK)/dlog w
         c_enc = self._dF(log_w)  # dMIWAE(M, K)/dlog w
-        self._split_backward(draws, (c_enc,) * 3, (c_dec,) * 3, model, guide, args, kwargs)
+        self._split_backward(draws, (c_enc,) * 3, (c_dec,) * 3)
         return -_iwae(log_w).sum().item()
 
 
