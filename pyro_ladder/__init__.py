@@ -1,7 +1,7 @@
 """pyro_ladder: hierarchical VAEs (the Ladder VAE and its bottom-up baseline) in Pyro."""
 
 from .config import PRESETS, LadderConfig, preset
-from .diagnostics import effective_sample_size, gradient_snr
+from .diagnostics import active_units, effective_sample_size, gradient_snr, mutual_information
 from .elbo import ESTIMATORS, make_elbo
 from .errors import CheckpointError, ConfigError, DataError, PyroLadderError, TrainingError
 from .evaluate import evaluate, log_likelihood
@@ -24,11 +24,13 @@ __all__ = [
     "PyroLadderError",
     "TrainingError",
     "effective_sample_size",
+    "active_units",
     "evaluate",
     "fit",
     "gradient_snr",
     "kl_weight",
     "log_likelihood",
+    "mutual_information",
     "make_elbo",
     "precision_weighted",
     "preset",

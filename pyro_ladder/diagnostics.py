@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import torch
+import math
+from collections import defaultdict
 
-from ._traces import split_parameters
+import pyro
+import torch
+from pyro import poutine
+
+from ._traces import sample_sites, split_parameters
+from ._util import eval_mode, modules_of
 from .errors import ConfigError
 from .evaluate import evaluate
 
@@ -77,3 +83,86 @@ def _summarize(draws: torch.Tensor) -> dict:
         "aggregate": (mean.square().mean() / var.mean()).item(),
         "num_params": draws.shape[1],
     }
+
+
+@torch.no_grad()
+def active_units(
+    model,
+    guide,
+    data,
+    *args,
+    num_samples: int = 16,
+    threshold: float = 0.01,
+    batch_size: int = 500,
+    **kwargs,
+) -> dict:
+    """Active units per latent site (Burda et al. 2015): unit ``u`` of ``z_l`` is active
+    when ``Cov_x(E_q[u | x]) > threshold``.
+
+    ``E_q[z_l | x]`` is the mean of the site's guide distribution averaged over
+    ``num_samples`` draws of the sites sampled before it (exact for the first site).
+
+    :returns: ``{site: {"variance": (k,), "active": int, "units": k}}``.
+    """
+    means = defaultdict(list)
+    with eval_mode(*modules_of(model, guide)):
+        for start in range(0, len(data), batch_size):
+            x = data[start : start + batch_size]
+            for name, site in _guide_sites(guide, (x, *args), kwargs, num_samples):
+                loc = site["fn"].mean.expand(site["value"].shape)  # (S, B, k)
+                means[name].append(loc.mean(0))  # (B, k)
+    out = {}
+    for name, parts in means.items():
+        variance = torch.cat(parts).var(0)  # (k,)
+        out[name] = {
+            "variance": variance,
+            "active": int((variance > threshold).sum()),
+            "units": variance.numel(),
+        }
+    return out
+
+
+@torch.no_grad()
+def mutual_information(guide, data, *args, num_samples: int = 16, **kwargs) -> dict:
+    r"""``I_q(x; z_l)`` per latent site in nats, over the data points in ``data``.
+
+    The "ELBO surgery" decomposition ``E_x KL(q(z_l|x) || p(z_l)) - KL(q(z_l) || p(z_l))``
+    equals ``E_x E_{q(z_l|x)}[log q(z_l|x) - log q(z_l)]``, estimated here with the aggregate
+    posterior ``q(z_l) = (1/N) sum_m q(z_l | x_m)`` over the ``N`` rows of ``data`` (so the
+    estimate cannot exceed ``log N``: use a few hundred rows or more). For a site sampled
+    after others, ``q(z_l | x)`` is the mixture of its conditional over ``num_samples`` draws
+    of those sites. Memory grows as ``N^2 * num_samples``.
+
+    :returns: ``{site: float}``.
+    """
+    n = len(data)
+    out = {}
+    with eval_mode(*modules_of(guide)):
+        sites = _guide_sites(guide, (data, *args), kwargs, num_samples)
+    for name, site in sites:
+        if site["value"].shape[:2] != (num_samples, n) or site["fn"].event_dim != 1:
+            raise ConfigError(
+                f"mutual_information needs site {name!r} shaped (particles, data, units) "
+                "inside pyro.plate('data') alone, with one event dimension"
+            )
+        z = site["value"][0]  # (N, k): one draw per data point
+        fn = site["fn"]
+        # log density of every z_n under every q(. | x_m, upstream draw s): (N_z, S, N_x)
+        log_q = fn.log_prob(z.unsqueeze(1).unsqueeze(1)).expand(n, num_samples, n)
+        log_q = log_q.logsumexp(1) - math.log(num_samples)  # (N_z, N_x): log q(z_n | x_m)
+        own = log_q.diagonal()
+        aggregate = log_q.logsumexp(1) - math.log(n)
+        out[name] = (own - aggregate).mean().item()
+    return out
+
+
+def _guide_sites(guide, args, kwargs, num_samples):
+    """Latent guide sites of one vectorized trace with a particle plate left of the plates."""
+    probe = poutine.trace(guide).get_trace(*args, **kwargs)
+    nesting = max(
+        (-f.dim for _, s in sample_sites(probe) for f in s["cond_indep_stack"] if f.vectorized),
+        default=1,
+    )
+    with pyro.plate("_diagnostic_particles", num_samples, dim=-(nesting + 1)):
+        trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    return [(n, s) for n, s in sample_sites(trace) if not s["is_observed"]]

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -46,3 +48,68 @@ def test_parameter_groups_follow_registration():
     bottom_up = LadderVAE(4, (2, 2), (5, 5), inference="bottom-up", batch_norm=False).double()
     snr = gradient_snr(bottom_up.model, bottom_up.guide, make_elbo("elbo"), x, num_draws=2)
     assert snr["shared"]["num_params"] == 0
+
+
+# a linear-Gaussian chain whose mutual informations are known:
+# z2 ~ N(0, 1), z1 | z2 ~ N(A z2, S1^2), x | z1 ~ N(B z1, S0^2), one dimension each
+A, S1, B, S0 = 0.8, 0.6, 1.5, 0.5
+
+
+def _chain_guide(x):
+    import pyro
+    import pyro.distributions as dist
+
+    var_x_given_z2 = B**2 * S1**2 + S0**2
+    prec2 = 1.0 + (A * B) ** 2 / var_x_given_z2
+    with pyro.plate("data", x.shape[0]):
+        z2 = pyro.sample("z2", dist.Normal(A * B * x / var_x_given_z2 / prec2,
+                                           prec2**-0.5).to_event(1))
+        prec1 = 1 / S1**2 + B**2 / S0**2
+        loc1 = (A * z2 / S1**2 + B * x / S0**2) / prec1
+        pyro.sample("z1", dist.Normal(loc1, prec1**-0.5).to_event(1))
+
+
+def test_mutual_information_matches_the_analytic_values():
+    from pyro_ladder.diagnostics import mutual_information
+
+    torch.manual_seed(0)
+    n = 1500
+    z2 = torch.randn(n, 1, dtype=torch.float64)
+    z1 = A * z2 + S1 * torch.randn_like(z2)
+    x = B * z1 + S0 * torch.randn_like(z1)  # data from the model: q is its exact posterior
+    var_x = B**2 * (A**2 + S1**2) + S0**2
+    expected = {"z2": 0.5 * math.log(var_x / (B**2 * S1**2 + S0**2)),
+                "z1": 0.5 * math.log(var_x / S0**2)}
+    mi = mutual_information(_chain_guide, x, num_samples=32)
+    for site, value in expected.items():
+        assert mi[site] == pytest.approx(value, abs=0.06), (site, mi[site], value)
+
+
+def test_active_units_find_the_unused_dimension():
+    import pyro
+    import pyro.distributions as dist
+
+    from pyro_ladder.diagnostics import active_units
+
+    def guide(x):
+        loc = torch.stack([x[:, 0], torch.zeros_like(x[:, 0]), 0.05 * x[:, 1]], -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 0.3).to_event(1))
+
+    x = torch.randn(400, 2)
+    result = active_units(None, guide, x, num_samples=4)
+    assert result["z"]["units"] == 3 and result["z"]["active"] == 1
+    variance = result["z"]["variance"]
+    assert variance[0] == pytest.approx(1.0, abs=0.2) and variance[1] == 0.0
+    assert variance[2] < 0.01  # 0.05^2: below the threshold
+
+
+def test_ladder_diagnostics_cover_every_layer():
+    from pyro_ladder.diagnostics import active_units, mutual_information
+
+    vae, x = _setup()
+    units = active_units(vae.model, vae.guide, torch.rand(50, 4, dtype=torch.float64).round())
+    assert set(units) == {"z1", "z2"} and all(u["units"] == 2 for u in units.values())
+    mi = mutual_information(vae.guide, torch.rand(60, 4, dtype=torch.float64).round())
+    assert set(mi) == {"z1", "z2"}
+    assert all(-0.05 <= v <= math.log(60) + 1e-9 for v in mi.values())
