@@ -16,14 +16,21 @@ import pyro
 import torch
 
 from . import __version__
-from ._util import atomic_write
+from ._util import atomic_write, eval_mode
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import INFERENCES, LIKELIHOODS, PRESETS, preset
 from .data import DATASETS, binarize, load_dataset
+from .diagnostics import active_units, kl_per_unit, mutual_information
 from .elbo import ESTIMATORS, describe_estimators
 from .errors import ConfigError, PyroLadderError
 from .evaluate import evaluate
-from .plots import image_grid, save_figure, training_curves
+from .plots import (
+    image_grid,
+    kl_per_unit_figure,
+    pca_figure,
+    save_figure,
+    training_curves,
+)
 from .train import fit
 from .vae import LadderVAE
 
@@ -55,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_report(sub)
     return parser
 
 
@@ -150,6 +158,28 @@ def _add_evaluate(sub):
     p.set_defaults(func=cmd_evaluate)
 
 
+def _add_report(sub):
+    p = sub.add_parser("report", help="write diagnostics, figures and a Markdown summary")
+    p.add_argument("checkpoint", type=Path, help="checkpoint.pt written by `train`")
+    p.add_argument("--out", type=Path, required=True, help="folder for the report")
+    p.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=1000,
+        help="importance samples K for log p(x) (default 1000)",
+    )
+    p.add_argument(
+        "--eval-limit",
+        type=_positive_int,
+        default=1000,
+        help="test images used (default: the first 1000)",
+    )
+    _add_data_dir(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=cmd_report)
+
+
 def _add_data_dir(p):
     p.add_argument(
         "--data-dir",
@@ -235,6 +265,95 @@ def cmd_evaluate(args) -> int:
         )
     )
     return 0
+
+
+def cmd_report(args) -> int:
+    vae, meta = load_checkpoint(args.checkpoint)
+    if "dataset" not in meta:
+        raise ConfigError(f"{args.checkpoint} does not name its data set; it cannot be reported")
+    data = load_dataset(meta["dataset"], args.data_dir)
+    dynamic = data.kind == "grey" and vae.config.likelihood == "bernoulli"
+    test = _test_set(data, dynamic, args.eval_limit)
+    labels = None if data.test_labels is None else data.test_labels[: len(test)]
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create --out {args.out}: {err.strerror}") from None
+    pyro.set_rng_seed(args.seed)
+    summary = _summary(_evaluate(vae, test, args.num_samples, args.progress))
+    units = active_units(vae.model, vae.guide, test)
+    summary["active_units"] = {k: v["active"] for k, v in units.items()}
+    summary["units"] = {k: v["units"] for k, v in units.items()}
+    summary["mutual_information"] = mutual_information(vae.guide, test[:1000])
+    kl_units = kl_per_unit(vae.model, vae.guide, test)
+    history = _read_history(args.checkpoint.parent / "history.csv")
+    figures = _report_figures(
+        args.out, vae, test, labels, data.image_shape, units, kl_units, history
+    )
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "dataset": meta["dataset"],
+        "num_test": len(test),
+        **summary,
+        "config": vae.config.to_dict(),
+    }
+    _write_json(args.out / "report.json", report)
+    _atomic_write(args.out / "report.md", _report_markdown(report, figures))
+    print(f"wrote {args.out}/report.md with {len(figures)} figures")
+    return 0
+
+
+def _report_figures(out, vae, test, labels, image_shape, units, kl_units, history) -> list:
+    _write_pictures(out, vae, test, image_shape, history)
+    save_figure(kl_per_unit_figure(kl_units, units), out / "kl_per_unit.png")
+    with torch.no_grad(), eval_mode(vae):
+        trace = pyro.poutine.trace(vae.guide).get_trace(test)
+    latents = {f"z{i}": trace.nodes[f"z{i}"]["value"] for i in range(1, vae.depth + 1)}
+    title = f"{vae.config.inference} posterior samples, PCA per layer"
+    save_figure(pca_figure(latents, labels, title), out / "pca.png")
+    names = ["samples.png", "reconstructions.png", "kl_per_unit.png", "pca.png"]
+    return names + (["curves.png"] if history else [])
+
+
+def _report_markdown(report: dict, figures: list) -> str:
+    rows = [
+        f"| {site} | {report['kl_per_layer'][site]:.3f} | {report['active_units'][site]}"
+        f"/{report['units'][site]} | {report['mutual_information'][site]:.3f} |"
+        for site in sorted(report["kl_per_layer"], key=lambda s: int(s[1:]))
+    ]
+    lines = [
+        f"# Report: {report['checkpoint']}",
+        "",
+        f"{report['config']['inference']} model, {len(rows)} stochastic layers, data set "
+        f"{report['dataset']}, {report['num_test']} test images.",
+        "",
+        f"- test log p(x) (K={report['eval_samples']}): **{report['test_log_likelihood']:.3f}**"
+        " nats (higher is better)",
+        f"- test ELBO: {report['test_elbo']:.3f} nats; mean effective sample size "
+        f"{report['test_ess']:.1f} of {report['eval_samples']}",
+        "",
+        f"I(x; z) uses the aggregate posterior over {min(report['num_test'], 1000)} images, so "
+        f"it cannot exceed log N = {math.log(min(report['num_test'], 1000)):.2f} nats.",
+        "",
+        "| layer | KL (nats) | active units | I(x; z) (nats) |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    lines += [f"![{name[:-4]}]({name})\n" for name in figures]
+    return "\n".join(lines)
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    keys = lines[0].split(",")
+    return [
+        {k: float(v) for k, v in zip(keys, line.split(","), strict=True) if v != ""}
+        for line in lines[1:]
+        if line
+    ]
 
 
 def _config(args, x_dim, likelihood):
@@ -362,6 +481,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _write_pictures(out, vae, test, image_shape, history) -> None:
+    """samples.png, reconstructions.png, and curves.png when there is a history."""
     save_figure(
         image_grid(vae.sample(64), image_shape, 8, "samples from the prior"), out / "samples.png"
     )
@@ -371,7 +491,8 @@ def _write_pictures(out, vae, test, image_shape, history) -> None:
         image_grid(pairs, image_shape, 8, "test image (left) and its reconstruction (right)"),
         out / "reconstructions.png",
     )
-    save_figure(training_curves(history), out / "curves.png")
+    if history:
+        save_figure(training_curves(history), out / "curves.png")
 
 
 def _print_result(metrics: dict, out: Path) -> None:

@@ -156,13 +156,51 @@ def mutual_information(guide, data, *args, num_samples: int = 16, **kwargs) -> d
     return out
 
 
-def _guide_sites(guide, args, kwargs, num_samples):
-    """Latent guide sites of one vectorized trace with a particle plate left of the plates."""
+@torch.no_grad()
+def kl_per_unit(model, guide, data, *args, num_samples: int = 16, **kwargs) -> dict:
+    """Mean ``KL(q(u | .) || p(u | .))`` per unit of every latent site, nats: ``{site: (k,)}``.
+
+    Analytic per unit for factorized Gaussian sites (``Normal`` or ``Independent(Normal)``),
+    at the sampled parents, averaged over ``num_samples`` draws and the rows of ``data``.
+    A site's units sum to its per-layer KL; the paper plots them sorted, on a log scale.
+    """
+    with eval_mode(*modules_of(model, guide)):
+        guide_trace, model_trace = _particle_traces(
+            model, guide, (data, *args), kwargs, num_samples
+        )
+    out = {}
+    for name, q_site in sample_sites(guide_trace):
+        if q_site["is_observed"]:
+            continue
+        q, p = _base_normal(q_site["fn"], name), _base_normal(model_trace.nodes[name]["fn"], name)
+        kl = torch.distributions.kl_divergence(q, p)  # (S, B, k)
+        out[name] = kl.reshape(-1, kl.shape[-1]).mean(0)
+    return out
+
+
+def _base_normal(fn, name):
+    base = fn.base_dist if isinstance(fn, torch.distributions.Independent) else fn
+    if not isinstance(base, torch.distributions.Normal):
+        raise ConfigError(f"kl_per_unit needs Gaussian sites; {name!r} is {type(base).__name__}")
+    return base
+
+
+def _particle_traces(model, guide, args, kwargs, num_samples):
+    """Guide trace and replayed model trace with ``num_samples`` vectorized draws."""
     probe = poutine.trace(guide).get_trace(*args, **kwargs)
     nesting = max(
         (-f.dim for _, s in sample_sites(probe) for f in s["cond_indep_stack"] if f.vectorized),
         default=1,
     )
     with pyro.plate("_diagnostic_particles", num_samples, dim=-(nesting + 1)):
-        trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        if model is None:
+            return guide_trace, None
+        replayed = poutine.replay(model, trace=guide_trace)
+        return guide_trace, poutine.trace(replayed).get_trace(*args, **kwargs)
+
+
+def _guide_sites(guide, args, kwargs, num_samples):
+    """Latent guide sites of one vectorized trace with a particle plate left of the plates."""
+    trace, _ = _particle_traces(None, guide, args, kwargs, num_samples)
     return [(n, s) for n, s in sample_sites(trace) if not s["is_observed"]]

@@ -65,3 +65,55 @@ def training_curves(history: list[dict]):
         ax.legend()
     fig.tight_layout()
     return fig
+
+
+def kl_per_unit_figure(kl_units: dict, active: dict | None = None, threshold: float = 0.01):
+    """The paper's view: log KL per unit, units sorted, one panel per latent layer.
+
+    :param kl_units: ``{site: (k,)}`` from :func:`pyro_ladder.diagnostics.kl_per_unit`.
+    :param active: optional ``{site: {"active": n, ...}}`` from ``active_units``.
+    """
+    sites = sorted(kl_units, key=_layer_index)
+    fig, axes = plt.subplots(1, len(sites), figsize=(3.2 * len(sites), 3), squeeze=False)
+    for ax, site in zip(axes[0], sites, strict=True):
+        values = kl_units[site].detach().cpu().sort(descending=True).values.clamp_min(1e-6)
+        ax.bar(range(len(values)), values.numpy(), color="tab:blue")
+        ax.axhline(threshold, color="grey", lw=0.8, ls="--")
+        ax.set(yscale="log", xlabel="unit (sorted)", ylim=(1e-5, None))
+        title = f"{site}: {values.sum():.2f} nats"
+        if active is not None:
+            title += f", {active[site]['active']}/{active[site]['units']} active"
+        ax.set_title(title, fontsize=9)
+    axes[0, 0].set_ylabel("KL per unit (nats)")
+    fig.tight_layout()
+    return fig
+
+
+def pca_figure(latents: dict, labels=None, title: str | None = None):
+    """2-D PCA (scikit-learn) of posterior samples of each layer, coloured by class label.
+
+    :param latents: ``{site: (N, k)}`` samples, one per data point.
+    :param labels: ``(N,)`` integer labels, or None for one colour.
+    """
+    from sklearn.decomposition import PCA
+
+    sites = sorted(latents, key=_layer_index)
+    fig, axes = plt.subplots(1, len(sites), figsize=(3.2 * len(sites), 3.2), squeeze=False)
+    colours = None if labels is None else labels.cpu().numpy()
+    for ax, site in zip(axes[0], sites, strict=True):
+        z = latents[site].detach().cpu().numpy()
+        points = PCA(n_components=min(2, z.shape[1])).fit_transform(z)
+        ys = points[:, 1] if points.shape[1] > 1 else points[:, 0] * 0
+        ax.scatter(points[:, 0], ys, c=colours, cmap="tab10", s=4, alpha=0.7)
+        ax.set_title(site, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _layer_index(site: str) -> int:
+    digits = "".join(ch for ch in site if ch.isdigit())
+    return int(digits) if digits else 0

@@ -30,12 +30,28 @@ def test_train_on_digits_writes_every_output(tmp_path, capsys):
     status, out, _ = _run(["train", *FAST, "--out", str(tmp_path / "run")], capsys)
     assert status == 0
     run = tmp_path / "run"
-    for name in ("checkpoint.pt", "metrics.json", "history.csv", "samples.png",
-                 "reconstructions.png", "curves.png"):
+    for name in (
+        "checkpoint.pt",
+        "metrics.json",
+        "history.csv",
+        "samples.png",
+        "reconstructions.png",
+        "curves.png",
+    ):
         assert (run / name).stat().st_size > 0, name
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("dataset", "inference", "elbo", "particles", "epochs", "train_seconds",
-                "test_elbo", "test_log_likelihood", "eval_samples", "kl_per_layer"):
+    for key in (
+        "dataset",
+        "inference",
+        "elbo",
+        "particles",
+        "epochs",
+        "train_seconds",
+        "test_elbo",
+        "test_log_likelihood",
+        "eval_samples",
+        "kl_per_layer",
+    ):
         assert key in metrics, key
     assert metrics["dataset"] == "digits" and metrics["eval_samples"] == 20
     assert metrics["test_elbo"] <= metrics["test_iwae"]["5"] <= metrics["test_log_likelihood"] < 0
@@ -44,8 +60,37 @@ def test_train_on_digits_writes_every_output(tmp_path, capsys):
     lines = (run / "history.csv").read_text().splitlines()
     assert lines[0].startswith("epoch,loss") and len(lines) == 3
 
-    status, out, _ = _run(["evaluate", str(run / "checkpoint.pt"), "--num-samples", "20",
-                           "--no-progress"], capsys)
+    status, out, _ = _run(
+        [
+            "report",
+            str(run / "checkpoint.pt"),
+            "--out",
+            str(tmp_path / "rep"),
+            "--num-samples",
+            "20",
+            "--no-progress",
+        ],
+        capsys,
+    )
+    assert status == 0
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "| z1 |" in report and "| z2 |" in report and "test log p(x)" in report
+    for name in (
+        "samples.png",
+        "reconstructions.png",
+        "kl_per_unit.png",
+        "pca.png",
+        "curves.png",
+        "report.json",
+    ):
+        assert (tmp_path / "rep" / name).stat().st_size > 0, name
+        assert name.endswith(".json") or f"({name})" in report  # the summary shows each picture
+    facts = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert set(facts["active_units"]) == {"z1", "z2"} and facts["num_test"] == 360
+
+    status, out, _ = _run(
+        ["evaluate", str(run / "checkpoint.pt"), "--num-samples", "20", "--no-progress"], capsys
+    )
     assert status == 0
     again = json.loads(out)
     assert again["num_test"] == metrics["num_test"]
@@ -56,10 +101,32 @@ def test_train_on_digits_writes_every_output(tmp_path, capsys):
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
 @pytest.mark.parametrize("inference, elbo", [("top-down", "elbo"), ("bottom-up", "iwae")])
 def test_short_run_on_binarized_mnist(tmp_path, capsys, inference, elbo):
-    argv = ["train", "--dataset", "binarized-mnist", "--data-dir", str(SHARED),
-            "--preset", "small", "--epochs", "1", "--batch-size", "1000", "--particles", "2",
-            "--eval-samples", "10", "--eval-limit", "50", "--inference", inference,
-            "--elbo", elbo, "--no-progress", "--out", str(tmp_path / "run")]
+    argv = [
+        "train",
+        "--dataset",
+        "binarized-mnist",
+        "--data-dir",
+        str(SHARED),
+        "--preset",
+        "small",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "1000",
+        "--particles",
+        "2",
+        "--eval-samples",
+        "10",
+        "--eval-limit",
+        "50",
+        "--inference",
+        inference,
+        "--elbo",
+        elbo,
+        "--no-progress",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     status, out, _ = _run(argv, capsys)
     assert status == 0, out
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -95,8 +162,18 @@ def test_bad_options_exit_2_with_one_message(tmp_path, capsys, extra, fragment):
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
 def test_continuous_data_with_bernoulli_likelihood_is_refused(tmp_path, capsys):
-    argv = ["train", *FAST, "--dataset", "frey-faces", "--data-dir", str(SHARED),
-            "--likelihood", "bernoulli", "--out", str(tmp_path / "r")]
+    argv = [
+        "train",
+        *FAST,
+        "--dataset",
+        "frey-faces",
+        "--data-dir",
+        str(SHARED),
+        "--likelihood",
+        "bernoulli",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     status, _, err = _run(argv, capsys)
     _assert_clean_error(status, err, "binary")
 
@@ -111,8 +188,16 @@ def test_missing_data_file_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     empty = tmp_path / "data"
     empty.mkdir()
-    argv = ["train", *FAST, "--dataset", "binarized-mnist", "--data-dir", str(empty),
-            "--out", str(tmp_path / "r")]
+    argv = [
+        "train",
+        *FAST,
+        "--dataset",
+        "binarized-mnist",
+        "--data-dir",
+        str(empty),
+        "--out",
+        str(tmp_path / "r"),
+    ]
     status, _, err = _run(argv, capsys)
     _assert_clean_error(status, err, "binarized_mnist")
     assert list(empty.rglob("*.amat")) == []
@@ -124,10 +209,14 @@ def test_evaluate_refuses_a_missing_checkpoint(tmp_path, capsys):
 
 
 def test_module_entry_point_exits_2_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pyro_ladder", "evaluate",
-                           str(tmp_path / "x.pt")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyro_ladder", "evaluate", str(tmp_path / "x.pt")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("pyro-ladder: error:") and "Traceback" not in proc.stderr
-    help_ = subprocess.run([sys.executable, "-m", "pyro_ladder", "train", "--help"],
-                           capture_output=True, text=True)
+    help_ = subprocess.run(
+        [sys.executable, "-m", "pyro_ladder", "train", "--help"], capture_output=True, text=True
+    )
     assert help_.returncode == 0 and "nats" in help_.stdout
