@@ -39,8 +39,17 @@ def run(data, args, estimator: str, seed: int) -> dict:
     vae = LadderVAE.from_config(preset(args.preset, data.x_dim))
     grey = data.kind == "grey"
     start = time.perf_counter()
-    fit(vae.model, vae.guide, data.train, elbo=estimator, epochs=args.epochs,
-        warmup_epochs=args.epochs // 10, binarize=grey, seed=seed, progress=False)
+    fit(
+        vae.model,
+        vae.guide,
+        data.train,
+        elbo=estimator,
+        epochs=args.epochs,
+        warmup_epochs=args.epochs // 10,
+        binarize=grey,
+        seed=seed,
+        progress=False,
+    )
     seconds = time.perf_counter() - start
     test = binarize(data.test, generator=torch.Generator().manual_seed(0)) if grey else data.test
     result = evaluate(vae.model, vae.guide, test, num_samples=args.eval_samples)
@@ -62,8 +71,10 @@ def main(argv=None) -> list[dict]:
         for estimator in args.estimators.split(","):
             row = run(data, args, estimator, seed)
             rows.append(row)
-            print(f"{estimator:16s} seed {seed}: log p(x) {row['test_log_likelihood']:.3f}  "
-                  f"ELBO {row['test_elbo']:.3f}  ({row['train_seconds']:.0f} s)")
+            print(
+                f"{estimator:16s} seed {seed}: log p(x) {row['test_log_likelihood']:.3f}  "
+                f"ELBO {row['test_elbo']:.3f}  ({row['train_seconds']:.0f} s)"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     args.out.write_text(json.dumps(payload, indent=2) + "\n")

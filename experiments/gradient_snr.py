@@ -55,8 +55,16 @@ def main(argv=None) -> dict:
     grey = data.kind == "grey"
     vae = LadderVAE.from_config(preset(args.preset, data.x_dim))
     start = time.perf_counter()
-    fit(vae.model, vae.guide, data.train[: args.train_images], epochs=args.epochs,
-        warmup_epochs=0, binarize=grey, seed=args.seed, progress=False)
+    fit(
+        vae.model,
+        vae.guide,
+        data.train[: args.train_images],
+        epochs=args.epochs,
+        warmup_epochs=0,
+        binarize=grey,
+        seed=args.seed,
+        progress=False,
+    )
     train_seconds = time.perf_counter() - start
     x = data.test[: args.batch]
     x = binarize(x, generator=torch.Generator().manual_seed(0)) if grey else x
@@ -66,14 +74,20 @@ def main(argv=None) -> dict:
     for k in ks:
         ess = effective_sample_size(vae.model, vae.guide, x, num_samples=k).mean().item()
         for label, (name, options) in ESTIMATORS.items():
-            snr = gradient_snr(vae.model, vae.guide, make_elbo(name, k, **options), x,
-                               num_draws=args.draws)
-            rows.append({"estimator": label, "K": k, "ess": ess,
-                         **{g: snr[g] for g in GROUPS}})
-            print(f"K={k:3d} {label:22s} " + "  ".join(
-                f"{g} SNR {snr[g]['aggregate']:.3g}" for g in GROUPS) + f"  ESS {ess:.2f}")
-    result = {"args": {k: str(v) for k, v in vars(args).items()},
-              "train_seconds": train_seconds, "rows": rows}
+            snr = gradient_snr(
+                vae.model, vae.guide, make_elbo(name, k, **options), x, num_draws=args.draws
+            )
+            rows.append({"estimator": label, "K": k, "ess": ess, **{g: snr[g] for g in GROUPS}})
+            print(
+                f"K={k:3d} {label:22s} "
+                + "  ".join(f"{g} SNR {snr[g]['aggregate']:.3g}" for g in GROUPS)
+                + f"  ESS {ess:.2f}"
+            )
+    result = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "train_seconds": train_seconds,
+        "rows": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "snr.json").write_text(json.dumps(result, indent=2) + "\n")
     _figure(rows, ks).savefig(args.out / "snr.png", dpi=100)
@@ -86,14 +100,22 @@ GROUPS = ("guide", "model", "shared")
 
 def _figure(rows, ks):
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    titles = {"guide": "guide's own parameters", "model": "model parameters (all)",
-              "shared": "shared prior networks"}
+    titles = {
+        "guide": "guide's own parameters",
+        "model": "model parameters (all)",
+        "shared": "shared prior networks",
+    }
     for group, ax in zip(GROUPS, axes[:3], strict=True):
         for name in ESTIMATORS:
             values = [r[group]["aggregate"] for r in rows if r["estimator"] == name]
             ax.plot(ks, values, marker="o", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="K (importance samples)",
-               ylabel="SNR (mean^2 / variance)", title=titles[group])
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="K (importance samples)",
+            ylabel="SNR (mean^2 / variance)",
+            title=titles[group],
+        )
         ax.legend(fontsize=7)
     ess = [next(r["ess"] for r in rows if r["K"] == k) for k in ks]
     axes[3].plot(ks, [e / k for e, k in zip(ess, ks, strict=True)], marker="o")

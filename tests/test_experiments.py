@@ -32,3 +32,16 @@ def test_compare_estimators_smoke(tmp_path):
     assert [r["estimator"] for r in rows] == ["meanfield", "elbo-condkl-sg"]
     saved = json.loads((tmp_path / "c.json").read_text())
     assert all(r["test_elbo"] <= r["test_log_likelihood"] < 0 for r in saved["rows"])
+
+
+def test_ladder_vs_vae_smoke(tmp_path):
+    experiment = _load("ladder_vs_vae")
+    rows = experiment.main(["--dataset", "digits", "--depths", "1,2", "--epochs", "1",
+                            "--batch-size", "200", "--eval-samples", "5", "--eval-limit",
+                            "50", "--out", str(tmp_path)])
+    assert [(r["inference"], r["depth"]) for r in rows] == [
+        ("bottom-up", 1), ("top-down", 1), ("bottom-up", 2), ("top-down", 2)]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["rows"]) == 4
+    for name in ("depth.png", "pca-bottom-up.png", "pca-top-down.png"):
+        assert (tmp_path / name).stat().st_size > 0
