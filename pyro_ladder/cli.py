@@ -327,6 +327,9 @@ def _report_markdown(report: dict, figures: list) -> str:
         f"{report['config']['inference']} model, {len(rows)} stochastic layers, data set "
         f"{report['dataset']}, {report['num_test']} test images.",
         "",
+        "- negative ELBO per variable (seed 004's decomposition): "
+        + ", ".join(f"cross-entropy of {k} {v:.3f}" for k, v in report["cross_entropy"].items())
+        + " nats, plus the KL column below",
         f"- test log p(x) (K={report['eval_samples']}): **{report['test_log_likelihood']:.3f}**"
         " nats (higher is better)",
         f"- test ELBO: {report['test_elbo']:.3f} nats; mean effective sample size "
@@ -402,6 +405,7 @@ def _summary(result) -> dict:
         "test_iwae": {str(k): _finite_mean(v) for k, v in result["iwae"].items()},
         "test_ess": _finite_mean(result["ess"]),
         "kl_per_layer": {site: _finite_mean(v) for site, v in sorted(result["kl"].items())},
+        "cross_entropy": {site: _finite_mean(v) for site, v in result["cross_entropy"].items()},
     }
 
 

@@ -8,7 +8,10 @@ With ``w_k = p(x, z_k) / q(z_k | x)`` for ``K`` draws ``z_k ~ q(z | x)``:
 * ``iwae[k]``: the ``IWAE_k`` bound, averaged over ``K // k`` disjoint groups of ``k`` draws;
 * ``ess``: the effective sample size ``(sum_k w_k)^2 / sum_k w_k^2`` of the ``K`` weights;
 * ``kl[site]``: ``E_q[KL(q(z_l | .) || p(z_l | .))]`` per latent site, analytic where torch
-  knows the KL, else Monte Carlo ``log q - log p``.
+  knows the KL, else Monte Carlo ``log q - log p``;
+* ``cross_entropy[site]``: ``-E_q[log p(x | .)]`` per observed site. With ``kl`` this is the
+  per-variable decomposition of the negative ELBO (a cross-entropy per observed variable, a
+  KL per latent one): the terms add up to ``-elbo`` in expectation.
 
 Pyro's ``vectorized_importance_weights`` sums over the data plate, so it yields one joint
 weight per batch; here the weights are kept per data point. Draws are vectorized in a
@@ -55,7 +58,7 @@ def evaluate(
     :param batch_size: data points per pass.
     :param max_rows: largest number of (sample, data point) pairs in one pass.
     :returns: dict with ``log_likelihood``, ``elbo``, ``ess`` (each ``(N,)``), ``iwae``
-        (``{k: (N,)}``), ``kl`` (``{site: (N,)}``) and ``num_samples``.
+        (``{k: (N,)}``), ``kl`` and ``cross_entropy`` (``{site: (N,)}``) and ``num_samples``.
     """
     _check_options(data, num_samples, iwae_k, batch_size, max_rows)
     with eval_mode(*modules_of(model, guide)):
@@ -73,7 +76,8 @@ def evaluate(
         "elbo": out.pop("elbo"),
         "ess": out.pop("ess"),
         "iwae": {k: out.pop(f"iwae{k}") for k in iwae_k},
-        "kl": {name[3:]: value for name, value in out.items()},
+        "kl": {name[3:]: value for name, value in out.items() if name.startswith("kl:")},
+        "cross_entropy": {name[3:]: v for name, v in out.items() if name.startswith("ce:")},
         "num_samples": num_samples,
     }
 
@@ -94,10 +98,10 @@ def _evaluate_batch(model, guide, x, args, kwargs, K, iwae_k, max_rows, nesting)
     sum_log_w = 0.0
     iwae_sum = {k: 0.0 for k in iwae_k}
     iwae_groups = {k: 0 for k in iwae_k}
-    kl_sum = defaultdict(float)
+    term_sum = defaultdict(float)
     for start in range(0, K, chunk):
         S = min(chunk, K - start)
-        log_w, kl = _log_weights(model, guide, x, args, kwargs, S, nesting)  # (S, B)
+        log_w, terms = _log_weights(model, guide, x, args, kwargs, S, nesting)  # (S, B)
         lse = _add_lse(lse, log_w.logsumexp(0))
         lse_sq = _add_lse(lse_sq, (2 * log_w).logsumexp(0))
         sum_log_w = sum_log_w + log_w.sum(0)
@@ -106,15 +110,15 @@ def _evaluate_batch(model, guide, x, args, kwargs, K, iwae_k, max_rows, nesting)
             grouped = log_w[: groups * k].reshape(groups, k, B)  # (groups, k, B)
             iwae_sum[k] = iwae_sum[k] + (grouped.logsumexp(1) - math.log(k)).sum(0)
             iwae_groups[k] += groups
-        for name, value in kl.items():
-            kl_sum[name] = kl_sum[name] + value.sum(0)
+        for key, value in terms.items():
+            term_sum[key] = term_sum[key] + value.sum(0)
     out = {
         "log_likelihood": lse - math.log(K),
         "elbo": sum_log_w / K,
         "ess": (2 * lse - lse_sq).exp(),
     }
     out.update({f"iwae{k}": iwae_sum[k] / iwae_groups[k] for k in iwae_k})
-    out.update({f"kl:{name}": value / K for name, value in kl_sum.items()})
+    out.update({key: value / K for key, value in term_sum.items()})
     return out
 
 
@@ -128,9 +132,12 @@ def _log_weights(model, guide, x, args, kwargs, S, nesting):
             x, *args, **kwargs
         )
     log_w = x.new_zeros(S, x.shape[0])
-    kl = {}
+    terms = {}  # per-variable terms: "ce:<observed site>", "kl:<latent site>"
     for name, site in sample_sites(model_trace):
-        log_w = log_w + per_datapoint(site, _log_prob(site), nesting)
+        log_p = per_datapoint(site, _log_prob(site), nesting)
+        log_w = log_w + log_p
+        if site["is_observed"]:
+            terms[f"ce:{name}"] = -log_p
         if not site["is_observed"] and name not in guide_trace.nodes:
             raise ConfigError(
                 f"model site {name!r} has no guide site: every latent of the model must be "
@@ -142,8 +149,8 @@ def _log_weights(model, guide, x, args, kwargs, S, nesting):
         log_q = per_datapoint(q_site, _log_prob(q_site), nesting)
         log_w = log_w - log_q
         p_site = model_trace.nodes[name]
-        kl[name] = _site_kl(q_site, p_site, log_q, nesting)
-    return log_w, kl
+        terms[f"kl:{name}"] = _site_kl(q_site, p_site, log_q, nesting)
+    return log_w, terms
 
 
 def _site_kl(q_site, p_site, log_q, nesting) -> torch.Tensor:

@@ -75,6 +75,7 @@ def test_train_on_digits_writes_every_output(tmp_path, capsys):
     assert status == 0
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "| z1 |" in report and "| z2 |" in report and "test log p(x)" in report
+    assert "cross-entropy of x" in report
     for name in (
         "samples.png",
         "reconstructions.png",
