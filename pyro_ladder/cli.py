@@ -133,6 +133,12 @@ def _add_train(sub):
         action="store_true",
         help="allow --out to be a folder that holds an earlier run",
     )
+    p.add_argument(
+        "--tensorboard",
+        type=Path,
+        default=None,
+        help="also log losses and per-layer KL for TensorBoard into this folder",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=cmd_train)
 
@@ -219,6 +225,7 @@ def cmd_train(args) -> int:
         binarize=dynamic,
         monitor=test[:500],
         progress=args.progress,
+        tensorboard=args.tensorboard,
     )
     train_seconds = time.perf_counter() - start
     print(

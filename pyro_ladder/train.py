@@ -38,6 +38,7 @@ def fit(
     monitor: torch.Tensor | None = None,
     progress: bool = True,
     callback=None,
+    tensorboard: str | None = None,
     **kwargs,
 ) -> list[dict]:
     """Train ``model``/``guide`` on ``data (N, ...)`` with ``pyro.infer.SVI``.
@@ -55,6 +56,8 @@ def fit(
     :param optimizer: a ``pyro.optim`` optimizer; default ``Adam(lr)``.
     :param monitor: held-out rows scored after every epoch (one-sample ELBO and per-site KL).
     :param callback: called as ``callback(record)`` after every epoch.
+    :param tensorboard: a folder: log every number of each epoch's record there with
+        TensorBoard's ``SummaryWriter`` (needs the ``tensorboard`` package). Off by default.
     :returns: one dict per epoch: ``epoch``, ``loss`` (nats per example, the warmed-up
         negative objective), ``kl_weight``, ``seconds``, and with ``monitor`` also
         ``monitor_elbo`` and ``kl_<site>``.
@@ -71,6 +74,7 @@ def fit(
     steps_per_epoch = max(1, len(data) // batch_size)
     history, start = [], time.perf_counter()
     bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step")
+    writer = _summary_writer(tensorboard)
     try:
         for epoch in range(epochs):
             beta = kl_weight(epoch, warmup_epochs)
@@ -84,11 +88,29 @@ def fit(
             history.append(record)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.2f}", beta=f"{beta:.2f}")
             log.info("epoch %d loss %.3f nats/example", epoch + 1, loss)
+            if writer is not None:
+                for key, value in record.items():
+                    if key != "epoch":
+                        writer.add_scalar(key, value, epoch + 1)
             if callback is not None:
                 callback(record)
     finally:
         bar.close()
+        if writer is not None:
+            writer.close()
     return history
+
+
+def _summary_writer(log_dir):
+    if log_dir is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "TensorBoard logging needs the tensorboard package: pip install tensorboard"
+        ) from None
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def _run_epoch(svi, x, batch_size, weight, args, kwargs, epoch, bar) -> float:

@@ -69,3 +69,17 @@ def test_empty_data_is_refused():
     vae = LadderVAE(6, (3,), (8,))
     with pytest.raises(ConfigError, match="empty"):
         fit(vae.model, vae.guide, torch.zeros(0, 6), progress=False)
+
+
+def test_tensorboard_logging_writes_every_epoch(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    vae = LadderVAE(6, (3, 2), (8, 4))
+    x = _grey().round()
+    fit(vae.model, vae.guide, x, epochs=3, batch_size=20, progress=False, monitor=x[:10],
+        tensorboard=str(tmp_path / "tb"))
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "kl_weight", "monitor_elbo", "kl_z1", "kl_z2"} <= tags
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
