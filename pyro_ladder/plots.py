@@ -104,7 +104,8 @@ def pca_figure(latents: dict, labels=None, title: str | None = None):
         z = latents[site].detach().cpu().numpy()
         points = PCA(n_components=min(2, z.shape[1])).fit_transform(z)
         ys = points[:, 1] if points.shape[1] > 1 else points[:, 0] * 0
-        ax.scatter(points[:, 0], ys, c=colours, cmap="tab10", s=4, alpha=0.7)
+        colour = {} if colours is None else {"c": colours, "cmap": "tab10"}
+        ax.scatter(points[:, 0], ys, s=4, alpha=0.7, **colour)
         ax.set_title(site, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
