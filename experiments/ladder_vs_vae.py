@@ -40,6 +40,14 @@ def parse(argv=None):
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--eval-limit", type=int, default=1000)
     p.add_argument(
+        "--train-limit", type=int, default=None, help="train on the first N images (default: all)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a minute-long check: 1 epoch on 2000 images, K=10 on 100 test images",
+    )
+    p.add_argument(
         "--full",
         action="store_true",
         help="the paper's budget: 2000 epochs, K=5000 on the whole test set",
@@ -49,6 +57,8 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if args.full:
         args.epochs, args.eval_samples, args.eval_limit = 2000, 5000, None
+    if args.quick:
+        args.epochs, args.train_limit, args.eval_samples, args.eval_limit = 1, 2000, 10, 100
     return args
 
 
@@ -70,10 +80,11 @@ def run(data, args, inference: str, depth: int) -> tuple[dict, LadderVAE]:
         batch_norm=True,
     )
     start = time.perf_counter()
+    train = data.train if args.train_limit is None else data.train[: args.train_limit]
     history = fit(
         vae.model,
         vae.guide,
-        data.train,
+        train,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

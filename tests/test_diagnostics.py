@@ -130,3 +130,41 @@ def test_kl_per_unit_sums_to_the_per_layer_kl():
         tol = 1e-9 if site == "z2" else 0.05 * per_layer[site].mean().item() + 1e-3
         assert per_unit[site].sum().item() == pytest.approx(per_layer[site].mean().item(),
                                                               abs=tol)
+
+
+def _known_pair():
+    """z2 ignored by the guide (its prior exactly); z1 a near-deterministic function of x."""
+    import pyro
+    import pyro.distributions as dist
+
+    weight = torch.tensor([[1.0, -0.5], [0.3, 0.8], [-0.7, 0.2]])  # (3 units, 2 features)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z2", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            z1 = pyro.sample("z1", dist.Normal(x.new_zeros(3), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z1[..., :2], 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z2", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("z1", dist.Normal(x @ weight.T, 1e-3).to_event(1))
+
+    return model, guide
+
+
+def test_diagnostics_on_known_answers():
+    from pyro_ladder import evaluate
+    from pyro_ladder.diagnostics import active_units, kl_per_unit, mutual_information
+
+    model, guide = _known_pair()
+    x = torch.randn(300, 2)
+    units = active_units(model, guide, x)
+    assert units["z2"]["active"] == 0 and units["z2"]["variance"].max() < 1e-3
+    assert units["z1"]["active"] == 3
+    kl = evaluate(model, guide, x, num_samples=4)["kl"]
+    assert kl["z2"].abs().max() == 0.0 and (kl["z1"] > 1.0).all()
+    assert kl_per_unit(model, guide, x)["z2"].abs().max() == 0.0
+    mi = mutual_information(guide, x)
+    assert abs(mi["z2"]) < 0.05  # independent of x: zero up to the batch estimator's noise
+    assert mi["z1"] > math.log(300) - 0.05  # deterministic: the estimator's ceiling, log N

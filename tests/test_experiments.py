@@ -36,12 +36,11 @@ def test_compare_estimators_smoke(tmp_path):
 
 def test_ladder_vs_vae_smoke(tmp_path):
     experiment = _load("ladder_vs_vae")
-    rows = experiment.main(["--dataset", "digits", "--depths", "1,2", "--epochs", "1",
-                            "--batch-size", "200", "--eval-samples", "5", "--eval-limit",
-                            "50", "--out", str(tmp_path)])
+    rows = experiment.main(["--dataset", "digits", "--depths", "1,2", "--quick",
+                            "--batch-size", "200", "--out", str(tmp_path)])
     assert [(r["inference"], r["depth"]) for r in rows] == [
         ("bottom-up", 1), ("top-down", 1), ("bottom-up", 2), ("top-down", 2)]
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert len(saved["rows"]) == 4
+    assert len(saved["rows"]) == 4 and saved["args"]["epochs"] == "1"
     for name in ("depth.png", "pca-bottom-up.png", "pca-top-down.png"):
         assert (tmp_path / name).stat().st_size > 0
