@@ -36,12 +36,15 @@ def per_datapoint(site, value: torch.Tensor, nesting: int) -> torch.Tensor:
 
 
 def max_plate_nesting(model, guide, args, kwargs) -> int:
-    """Deepest plate used by the guide or the model, from one trace of each."""
-    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    """Deepest plate used by the guide or the model (None: the guide alone), from one trace
+    of each."""
+    traces = [poutine.trace(guide).get_trace(*args, **kwargs)]
+    if model is not None:
+        replayed = poutine.replay(model, trace=traces[0])
+        traces.append(poutine.trace(replayed).get_trace(*args, **kwargs))
     dims = [
         -f.dim
-        for trace in (guide_trace, model_trace)
+        for trace in traces
         for _, site in sample_sites(trace)
         for f in site["cond_indep_stack"]
         if f.vectorized

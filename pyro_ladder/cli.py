@@ -250,13 +250,18 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
+def _load_run(args):
+    """The saved model, its meta data, its data set and the test rows ``train`` scored."""
     vae, meta = load_checkpoint(args.checkpoint)
     if "dataset" not in meta:
-        raise ConfigError(f"{args.checkpoint} does not name its data set; it cannot be evaluated")
+        raise ConfigError(f"{args.checkpoint} does not name its data set; it cannot be loaded")
     data = load_dataset(meta["dataset"], args.data_dir)
     dynamic = data.kind == "grey" and vae.config.likelihood == "bernoulli"
-    test = _test_set(data, dynamic, args.eval_limit)
+    return vae, meta, data, _test_set(data, dynamic, args.eval_limit)
+
+
+def cmd_evaluate(args) -> int:
+    vae, meta, _, test = _load_run(args)
     pyro.set_rng_seed(args.seed)
     result = _evaluate(vae, test, args.num_samples, args.progress)
     summary = _summary(result)
@@ -275,12 +280,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    vae, meta = load_checkpoint(args.checkpoint)
-    if "dataset" not in meta:
-        raise ConfigError(f"{args.checkpoint} does not name its data set; it cannot be reported")
-    data = load_dataset(meta["dataset"], args.data_dir)
-    dynamic = data.kind == "grey" and vae.config.likelihood == "bernoulli"
-    test = _test_set(data, dynamic, args.eval_limit)
+    vae, meta, data, test = _load_run(args)
     labels = None if data.test_labels is None else data.test_labels[: len(test)]
     try:
         args.out.mkdir(parents=True, exist_ok=True)

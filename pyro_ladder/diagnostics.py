@@ -9,7 +9,7 @@ import pyro
 import torch
 from pyro import poutine
 
-from ._traces import sample_sites, split_parameters
+from ._traces import max_plate_nesting, sample_sites, split_parameters
 from ._util import eval_mode, modules_of
 from .errors import ConfigError
 from .evaluate import evaluate
@@ -187,11 +187,7 @@ def _base_normal(fn, name):
 
 def _particle_traces(model, guide, args, kwargs, num_samples):
     """Guide trace and replayed model trace with ``num_samples`` vectorized draws."""
-    probe = poutine.trace(guide).get_trace(*args, **kwargs)
-    nesting = max(
-        (-f.dim for _, s in sample_sites(probe) for f in s["cond_indep_stack"] if f.vectorized),
-        default=1,
-    )
+    nesting = max_plate_nesting(None, guide, args, kwargs)
     with pyro.plate("_diagnostic_particles", num_samples, dim=-(nesting + 1)):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         if model is None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, DataError
-from .layers import MLP
+from .layers import MLP, GaussianBlock
 
 
 class BernoulliLikelihood(nn.Module):
@@ -53,15 +52,11 @@ class GaussianLikelihood(nn.Module):
 
     def __init__(self, z_dim, hidden_dim, x_dim, batch_norm=True, slope=0.1, var_floor=1e-4):
         super().__init__()
-        self.mlp = MLP(z_dim, hidden_dim, batch_norm, slope)
-        self.loc = nn.Linear(hidden_dim, x_dim)
-        self.var = nn.Linear(hidden_dim, x_dim)
-        self.var_floor = var_floor
+        self.net = GaussianBlock(z_dim, hidden_dim, x_dim, batch_norm, slope, var_floor)
 
     def forward(self, z1: torch.Tensor) -> dist.Distribution:
-        d = self.mlp(z1)  # (..., hidden)
-        scale = (F.softplus(self.var(d)) + self.var_floor).sqrt()  # (..., x_dim)
-        return dist.Normal(self.loc(d), scale).to_event(1)
+        loc, scale = self.net(z1)  # (..., x_dim) each
+        return dist.Normal(loc, scale).to_event(1)
 
     @staticmethod
     def mean(d: dist.Distribution) -> torch.Tensor:
