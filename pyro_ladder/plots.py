@@ -92,23 +92,36 @@ def kl_per_unit_figure(kl_units: dict, active: dict | None = None, threshold: fl
 def pca_figure(latents: dict, labels=None, title: str | None = None):
     """2-D PCA (scikit-learn) of posterior samples of each layer, coloured by class label.
 
-    :param latents: ``{site: (N, k)}`` samples, one per data point.
+    :param latents: ``{site: (N, k)}`` samples, one per data point; or, to show several
+        models side by side (say the VAE above the LVAE), ``{model_name: {site: (N, k)}}``,
+        one row per model.
     :param labels: ``(N,)`` integer labels, or None for one colour.
     """
     from sklearn.decomposition import PCA
 
-    sites = sorted(latents, key=_layer_index)
-    fig, axes = plt.subplots(1, len(sites), figsize=(3.2 * len(sites), 3.2), squeeze=False)
-    colours = None if labels is None else labels.cpu().numpy()
-    for ax, site in zip(axes[0], sites, strict=True):
-        z = latents[site].detach().cpu().numpy()
-        points = PCA(n_components=min(2, z.shape[1])).fit_transform(z)
-        ys = points[:, 1] if points.shape[1] > 1 else points[:, 0] * 0
-        colour = {} if colours is None else {"c": colours, "cmap": "tab10"}
-        ax.scatter(points[:, 0], ys, s=4, alpha=0.7, **colour)
-        ax.set_title(site, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+    rows = latents if all(isinstance(v, dict) for v in latents.values()) else {"": latents}
+    ncols = max(len(r) for r in rows.values())
+    fig, axes = plt.subplots(
+        len(rows), ncols, figsize=(3.2 * ncols, 3.2 * len(rows)), squeeze=False
+    )
+    colours = None if labels is None else labels.detach().cpu().numpy()
+    for ax_row, (name, layers) in zip(axes, rows.items(), strict=True):
+        sites = sorted(layers, key=_layer_index)
+        for ax in ax_row[len(sites) :]:
+            ax.axis("off")
+        for ax, site in zip(ax_row, sites, strict=False):
+            z = layers[site].detach().cpu().numpy()
+            if colours is not None and len(z) != len(colours):
+                raise ValueError(f"{site}: {len(z)} samples but {len(colours)} labels")
+            points = PCA(n_components=min(2, z.shape[1])).fit_transform(z)
+            ys = points[:, 1] if points.shape[1] > 1 else points[:, 0] * 0
+            colour = {} if colours is None else {"c": colours, "cmap": "tab10", "vmin": 0}
+            if colours is not None:
+                colour["vmax"] = max(9, int(colours.max()))
+            ax.scatter(points[:, 0], ys, s=4, alpha=0.7, **colour)
+            ax.set_title(f"{name}: {site}" if name else site, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
     if title:
         fig.suptitle(title)
     fig.tight_layout()
