@@ -141,7 +141,8 @@ def _log_weights(model, guide, x, args, kwargs, S, nesting):
         if not site["is_observed"] and name not in guide_trace.nodes:
             raise ConfigError(
                 f"model site {name!r} has no guide site: every latent of the model must be "
-                "sampled by the guide for importance sampling"
+                "sampled by the guide for importance sampling (a discrete site summed out of "
+                "the model by 'enum' needs a guide site to be evaluated)"
             )
     for name, q_site in sample_sites(guide_trace):
         if q_site["is_observed"]:

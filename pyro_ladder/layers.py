@@ -72,3 +72,15 @@ class GaussianBlock(nn.Module):
 
     def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.mlp(y))
+
+
+def broadcast_cat(*tensors: torch.Tensor) -> torch.Tensor:
+    """Concatenate along the last dimension after broadcasting the leading ones.
+
+    Network inputs in a guide mix tensors with and without the particle (and
+    enumeration) dimensions Pyro adds on the left, e.g. ``x (B, D)`` with
+    ``z2 (S, B, k)``; ``torch.cat`` does not broadcast, this does.
+    Shape contract: ``(..._i, d_i) -> (broadcast(..._i), sum_i d_i)``.
+    """
+    lead = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
+    return torch.cat([t.expand(*lead, t.shape[-1]) for t in tensors], -1)

@@ -11,13 +11,14 @@ from pyro.infer import (
     JitTrace_ELBO,
     JitTraceGraph_ELBO,
     JitTraceMeanField_ELBO,
-    RenyiELBO,
     Trace_ELBO,
     TraceGraph_ELBO,
     TraceMeanField_ELBO,
 )
 
 from ..errors import ConfigError
+from .enum import EnumELBO
+from .renyi import CheckedRenyiELBO
 from .weighted import (
     CIWAE,
     IWAE_STL,
@@ -31,7 +32,9 @@ from .weighted import (
 
 __all__ = [
     "CIWAE",
+    "CheckedRenyiELBO",
     "CondKLSemiGradient",
+    "EnumELBO",
     "PIWAE",
     "ESTIMATORS",
     "IWAE_DReG",
@@ -61,10 +64,15 @@ ESTIMATORS: dict[str, Estimator] = {
     "tracegraph": Estimator(
         TraceGraph_ELBO, {}, "ELBO with score-function baselines (TraceGraph_ELBO)"
     ),
-    "iwae": Estimator(
-        RenyiELBO, {"alpha": 0}, "importance-weighted bound, K = num_particles (RenyiELBO(0))"
+    "enum": Estimator(
+        EnumELBO, {}, "ELBO, discrete sites summed out exactly (TraceEnum_ELBO, config_enumerate)"
     ),
-    "renyi": Estimator(RenyiELBO, {}, "Renyi divergence bound, option alpha (RenyiELBO)"),
+    "iwae": Estimator(
+        CheckedRenyiELBO,
+        {"alpha": 0},
+        "importance-weighted bound, K = num_particles (RenyiELBO(0))",
+    ),
+    "renyi": Estimator(CheckedRenyiELBO, {}, "Renyi divergence bound, option alpha (RenyiELBO)"),
     "iwae-dreg": Estimator(
         IWAE_DReG, {}, "IWAE bound, doubly reparameterized gradients (Tucker et al. 2019)"
     ),

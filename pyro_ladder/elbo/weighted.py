@@ -159,7 +159,7 @@ class WeightedELBO(ELBO):
         with particles:
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         live = {n: s["value"] for n, s in sample_sites(guide_trace) if not s["is_observed"]}
-        _check_reparameterized(guide_trace, type(self).__name__)
+        check_reparameterized(guide_trace, type(self).__name__)
         leaves = {n: v.detach().requires_grad_(track) for n, v in live.items()}
         with particles:
             q_trace = poutine.trace(poutine.condition(guide, data=leaves)).get_trace(
@@ -170,7 +170,11 @@ class WeightedELBO(ELBO):
             )
         for name, site in sample_sites(p_trace):
             if name not in leaves and not site["is_observed"]:
-                raise ConfigError(f"model site {name!r} has no guide site")
+                raise ConfigError(
+                    f"model site {name!r} has no guide site: importance weighting needs the "
+                    "guide to sample every latent (a discrete site summed out of the model "
+                    "trains with 'enum' only)"
+                )
         log_q = _sum_sites(q_trace, nesting, set(leaves))
         log_p = _sum_sites(p_trace, nesting, None)
         shape = torch.broadcast_shapes(log_p.shape, log_q.shape)
@@ -206,12 +210,14 @@ def _sum_sites(trace, nesting, only) -> torch.Tensor:
     return total
 
 
-def _check_reparameterized(trace, estimator: str) -> None:
+def check_reparameterized(trace, estimator: str) -> None:
+    """Raise :class:`ConfigError` naming the first latent guide site without ``rsample``."""
     for name, site in sample_sites(trace):
         if not site["is_observed"] and not site["fn"].has_rsample:
             raise ConfigError(
                 f"{estimator} needs reparameterized guide sites, but site {name!r} "
-                f"({type(site['fn']).__name__}) is not: use the 'tracegraph' or 'elbo' estimator"
+                f"({type(site['fn']).__name__}) has no rsample (a discrete layer): train it "
+                "with 'tracegraph' (score function with baselines) or 'enum' (exact sum)"
             )
 
 
