@@ -182,7 +182,7 @@ def test_enum_on_the_toy_pair_is_the_exact_sum_over_z1(toy):
     z2 = trace.nodes["z2"]["value"]
     x, c = unpack(inputs)
     prior = pair.prior1(torch.cat([z2, c], -1)).log_softmax(-1)  # (B, K)
-    log_q = (pair.prior1(torch.cat([z2, c], -1)) + pair.q1(inputs)).log_softmax(-1)
+    log_q = (pair.prior1(torch.cat([z2, c], -1)) + pair._bottom_up(x)).log_softmax(-1)
     values = torch.arange(5)[:, None]  # (K, 1): every value of z1
     log_x = pair._emission(values).log_prob(x).T  # (B, K)
     z2_terms = trace.nodes["z2"]["fn"].log_prob(z2)  # log q(z2)

@@ -10,11 +10,13 @@ observed input upstream of the latents (seed 004): it enters ``p(z2 | c)``,
   the guide is a two-level ladder: ``q(z2 | x, c)`` and ``q(z1 | z2, x, c)``, the
   precision-weighted merge of the prior ``p(z1 | z2, c)`` with a bottom-up Gaussian.
 * :class:`DiscreteToyPair`: ``z1`` is categorical, ``p(z1 | z2, c) = Cat(softmax(f(z2, c)))``
-  and ``p(x | z1 = k) = N(m_k, diag s_k^2)``; the guide's ``q(z1 | z2, x, c)`` adds
-  bottom-up logits ``g(x, c)`` to the prior's (the categorical form of the ladder's merge:
-  a product of experts adds log-probabilities). Train it with ``tracegraph`` (score
-  function, with the baseline chosen by ``baseline``) or ``enum`` (``z1`` summed out
-  exactly in the guide).
+  and ``p(x | z1 = k) = N(m_k, diag s_k^2)``. The guide's ``q(z1 | z2, x)`` is the
+  categorical form of the ladder's merge: the prior's logits plus a bottom-up "approximate
+  likelihood" ``g_k(x) = log N(x; u_k, diag v_k^2)`` per category, with its own
+  parameters ``u, v`` (a product of experts adds log-probabilities). With ``u = m`` and
+  ``v = s`` it is the exact conditional posterior ``p(z1 | z2, x)`` (seed 004: "use
+  Bayes' rule"). Train it with ``tracegraph`` (score function, with the baseline chosen by
+  ``baseline``) or ``enum`` (``z1`` summed out exactly in the guide).
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ class DiscreteToyPair(_ToyPair):
         self.categories, self.baseline, self.baseline_beta = K, baseline, baseline_beta
         self.prior1 = nn.Sequential(MLP(k + C, hidden, False), nn.Linear(hidden, K))
         self.likelihood = GaussianHead(K, 2)  # p(x | z1 = k): row k of a table
-        self.q1 = nn.Sequential(MLP(2 + C, hidden, False), nn.Linear(hidden, K))
+        self.q1 = GaussianHead(K, 2)  # g_k(x): the guide's Gaussian for category k
         if baseline == "net":
             net = nn.Sequential(MLP(2 + C + k, hidden, False), nn.Linear(hidden, 1))
             self.baseline_net = _Squeeze(net)  # (..., B, 2 + C + k) -> (..., B)
@@ -161,31 +163,36 @@ class DiscreteToyPair(_ToyPair):
             pyro.sample("x", self._emission(z1), obs=x)
 
     def guide(self, inputs: torch.Tensor) -> None:
-        """``q(z2 | x, c)``, then ``q(z1 | z2, x, c)`` with logits ``f(z2, c) + g(x, c)``."""
+        """``q(z2 | x, c)``, then ``q(z1 | z2, x)`` with logits ``f(z2, c) + g(x)``."""
         self._check(inputs)
         names = ("q2", "q1", "prior1") + (("baseline_net",) if self.baseline == "net" else ())
         self._register(*names)
-        c = unpack(inputs)[1]
+        x, c = unpack(inputs)
         with pyro.plate("data", inputs.shape[0]):
             z2 = self._sample_z2(self.q2(inputs))
-            logits = self.prior1(broadcast_cat(z2, c)) + self.q1(inputs)  # (..., B, K)
+            logits = self.prior1(broadcast_cat(z2, c)) + self._bottom_up(x)  # (..., B, K)
             infer = {"baseline": self._baseline_options(inputs, z2)}
             pyro.sample("z1", dist.Categorical(logits=logits), infer=infer)
 
+    def _bottom_up(self, x: torch.Tensor) -> torch.Tensor:
+        """``g_k(x) = log N(x; u_k, diag v_k^2)`` for every category: ``(B, 2) -> (B, K)``."""
+        loc, scale = self.q1(torch.eye(self.categories, dtype=x.dtype))  # (K, 2) each
+        return dist.Normal(loc, scale).log_prob(x.unsqueeze(-2)).sum(-1)
+
     @torch.no_grad()
     def init_emission(self, x: torch.Tensor, scale: float = 0.3, generator=None) -> None:
-        """Start ``p(x | z1 = k)`` at ``N(x_k, scale^2 I)`` for ``K`` random rows ``x_k`` of
-        ``x (N, 2)``, the usual start of a mixture model: with every component at the same
-        place, no gradient can tell the categories apart and the layer stays unused."""
+        """Start ``p(x | z1 = k)`` and the guide's ``g_k`` at ``N(x_k, scale^2 I)`` for ``K``
+        random rows ``x_k`` of ``x (N, 2)``, the usual start of a mixture model: with every
+        component at one place, no gradient tells the categories apart."""
         rows = torch.randperm(len(x), generator=generator)[: self.categories]
         if len(rows) < self.categories:
             raise ConfigError(f"init_emission needs at least {self.categories} rows of x")
-        head = self.likelihood
-        head.loc.weight.copy_(x[rows].T)  # (2, K): column k is the mean of component k
-        head.loc.bias.zero_()
-        var = scale**2 - head.var_floor  # softplus(v) + floor = scale^2
-        head.var.weight.fill_(math.log(math.expm1(var)))
-        head.var.bias.zero_()
+        for head in (self.likelihood, self.q1):
+            head.loc.weight.copy_(x[rows].T)  # (2, K): column k is the mean of category k
+            head.loc.bias.zero_()
+            var = scale**2 - head.var_floor  # softplus(v) + floor = scale^2
+            head.var.weight.fill_(math.log(math.expm1(var)))
+            head.var.bias.zero_()
 
     def _emission(self, z1: torch.Tensor) -> dist.Distribution:
         """``p(x | z1)`` for integer ``z1 (...)``, enumerated values included."""
