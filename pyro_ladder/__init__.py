@@ -1,10 +1,19 @@
-"""pyro_ladder: hierarchical VAEs (the Ladder VAE and its bottom-up baseline) in Pyro."""
+"""pyro_ladder: hierarchical VAEs (the Ladder VAE and its bottom-up baseline) in Pyro.
+
+Building blocks for new model/guide pairs: :class:`MLP`, :class:`GaussianHead`,
+:class:`GaussianBlock` and :func:`broadcast_cat` (networks), :func:`precision_weighted` (the
+ladder's merge), :class:`BernoulliLikelihood` / :class:`GaussianLikelihood` (``p(x | z1)``)
+and :class:`LatentWeight` (KL warm-up for any pair); ``examples/custom_pair.py`` builds a
+pair from them.
+"""
 
 from .config import PRESETS, LadderConfig, preset
 from .diagnostics import active_units, effective_sample_size, gradient_snr, mutual_information
 from .elbo import ESTIMATORS, make_elbo
 from .errors import CheckpointError, ConfigError, DataError, PyroLadderError, TrainingError
 from .evaluate import evaluate, log_likelihood
+from .layers import MLP, GaussianBlock, GaussianHead, broadcast_cat
+from .likelihoods import BernoulliLikelihood, GaussianLikelihood, make_likelihood
 from .merge import precision_weighted
 from .train import fit
 from .vae import LadderVAE
@@ -14,6 +23,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ESTIMATORS",
+    "MLP",
+    "BernoulliLikelihood",
+    "GaussianBlock",
+    "GaussianHead",
+    "GaussianLikelihood",
+    "broadcast_cat",
+    "make_likelihood",
     "PRESETS",
     "CheckpointError",
     "ConfigError",

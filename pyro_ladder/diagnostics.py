@@ -160,9 +160,12 @@ def mutual_information(guide, data, *args, num_samples: int = 16, **kwargs) -> d
 def kl_per_unit(model, guide, data, *args, num_samples: int = 16, **kwargs) -> dict:
     """Mean ``KL(q(u | .) || p(u | .))`` per unit of every latent site, nats: ``{site: (k,)}``.
 
-    Analytic per unit for factorized Gaussian sites (``Normal`` or ``Independent(Normal)``),
-    at the sampled parents, averaged over ``num_samples`` draws and the rows of ``data``.
-    A site's units sum to its per-layer KL; the paper plots them sorted, on a log scale.
+    For sites whose distributions factorize over units (``Independent`` over per-unit
+    distributions, or a per-unit distribution): analytic per unit where torch has the KL
+    (Gaussians), else ``log q(u) - log p(u)`` at the sampled unit (an elementwise flow
+    prior, say); at the sampled parents, averaged over ``num_samples`` draws and the rows
+    of ``data``. A site's units sum to its per-layer KL; the paper plots them sorted, on a
+    log scale.
     """
     with eval_mode(*modules_of(model, guide)):
         guide_trace, model_trace = _particle_traces(
@@ -172,17 +175,26 @@ def kl_per_unit(model, guide, data, *args, num_samples: int = 16, **kwargs) -> d
     for name, q_site in sample_sites(guide_trace):
         if q_site["is_observed"]:
             continue
-        q, p = _base_normal(q_site["fn"], name), _base_normal(model_trace.nodes[name]["fn"], name)
-        kl = torch.distributions.kl_divergence(q, p)  # (S, B, k)
+        q, p = _per_unit(q_site["fn"], name), _per_unit(model_trace.nodes[name]["fn"], name)
+        try:
+            kl = torch.distributions.kl_divergence(q, p)  # (S, B, k)
+        except NotImplementedError:
+            kl = q.log_prob(q_site["value"]) - p.log_prob(q_site["value"])  # (S, B, k)
         out[name] = kl.reshape(-1, kl.shape[-1]).mean(0)
     return out
 
 
-def _base_normal(fn, name):
-    base = fn.base_dist if isinstance(fn, torch.distributions.Independent) else fn
-    if not isinstance(base, torch.distributions.Normal):
-        raise ConfigError(f"kl_per_unit needs Gaussian sites; {name!r} is {type(base).__name__}")
-    return base
+def _per_unit(fn, name):
+    """The per-unit distribution behind a site ``Independent(base, 1)``: ``base.log_prob``
+    has one value per unit (the last dimension)."""
+    independent = isinstance(fn, torch.distributions.Independent)
+    if not independent or fn.reinterpreted_batch_ndims != 1 or fn.base_dist.event_shape != ():
+        raise ConfigError(
+            f"kl_per_unit needs sites that factorize over units, Independent(base, 1) with a "
+            f"per-unit base (dist.Normal(loc, scale).to_event(1)); {name!r} is "
+            f"{type(fn).__name__} with event shape {tuple(fn.event_shape)}"
+        )
+    return fn.base_dist
 
 
 def _particle_traces(model, guide, args, kwargs, num_samples):

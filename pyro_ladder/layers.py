@@ -62,7 +62,15 @@ class GaussianBlock(nn.Module):
     """An MLP followed by a Gaussian head: the map ``y -> (mu(y), sigma(y))`` of the paper.
 
     Used for ``p(z_i | z_{i+1})`` in the generative model and ``q(z_i | z_{i-1})`` in the
-    bottom-up guide. Shape contract: ``(..., in_dim) -> ((..., out_dim), (..., out_dim))``.
+    bottom-up guide. Shape contract: ``(..., in_dim) -> ((..., out_dim), (..., out_dim))``;
+    ``dist.Normal(*block(y)).to_event(1)`` is the Gaussian.
+
+    :param in_dim: features of ``y``.
+    :param hidden_dim: units of the MLP's two layers.
+    :param out_dim: dimension of the Gaussian.
+    :param batch_norm: batch norm in the MLP (off for small or variable batches).
+    :param slope: negative slope of the leaky ReLU.
+    :param var_floor: smallest variance.
     """
 
     def __init__(self, in_dim, hidden_dim, out_dim, batch_norm=True, slope=0.1, var_floor=1e-4):

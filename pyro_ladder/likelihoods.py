@@ -14,7 +14,14 @@ class BernoulliLikelihood(nn.Module):
     """``p(x | z_1) = Bernoulli(logits = Linear(MLP(z_1)))`` for binary pixels.
 
     Shape contract: ``z1 (..., z_dim) -> Bernoulli`` with batch shape ``(...)`` and event
-    shape ``(x_dim,)``.
+    shape ``(x_dim,)``; use it as ``pyro.sample("x", likelihood(z1), obs=x)``.
+
+    :param z_dim: size of ``z_1``.
+    :param hidden_dim: units of the MLP.
+    :param x_dim: pixels of ``x``.
+    :param batch_norm: batch norm in the MLP.
+    :param slope: negative slope of the leaky ReLU.
+    :param var_floor: unused; accepted so that every likelihood takes the same arguments.
     """
 
     def __init__(self, z_dim, hidden_dim, x_dim, batch_norm=True, slope=0.1, var_floor=1e-4):
@@ -46,8 +53,8 @@ class BernoulliLikelihood(nn.Module):
 class GaussianLikelihood(nn.Module):
     """``p(x | z_1) = Normal(Linear(d), sqrt(Softplus(Linear(d)) + floor))``, ``d = MLP(z_1)``.
 
-    For continuous data; the log-likelihood is then a density in nats. Shape contract as
-    :class:`BernoulliLikelihood`.
+    For continuous data; the log-likelihood is then a density in nats. Shape contract and
+    arguments as :class:`BernoulliLikelihood`; ``var_floor`` is the smallest variance.
     """
 
     def __init__(self, z_dim, hidden_dim, x_dim, batch_norm=True, slope=0.1, var_floor=1e-4):

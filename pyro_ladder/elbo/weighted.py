@@ -341,10 +341,11 @@ class CondKLSemiGradient(WeightedELBO):
     (``"elbo-condkl-sg"``, the scheme proposed in the seed note on hierarchical posteriors).
 
     Value: ``E_q[log p(x | z)] - sum_l E_q[KL(q(z_l | z_{>l}, x) || p(z_l | z_{>l}))]`` with
-    analytic KL terms, averaged over ``num_particles`` draws. Gradient: the reconstruction
-    term's full reparameterized gradient; each KL term's gradient with the upper samples
-    ``z_{>l}`` held fixed, so it reaches the parameters that enter the conditional directly
-    but not, through ``z_{>l}``, the parameters that produced them. This is a
+    analytic KL terms (for a top site without a closed form, such as a flow prior,
+    ``log q - log p`` at the sample), averaged over ``num_particles`` draws. Gradient: the
+    reconstruction term's full reparameterized gradient; each KL term's gradient with the
+    upper samples ``z_{>l}`` held fixed, so it reaches the parameters that enter the
+    conditional directly but not, through ``z_{>l}``, the parameters that produced them. This is a
     **semi-gradient**: it is not the gradient of any objective (the dropped path terms are
     part of the ELBO's gradient), so it is an algorithmic choice to be judged by results.
     """
@@ -380,10 +381,26 @@ class CondKLSemiGradient(WeightedELBO):
             try:
                 value = torch.distributions.kl_divergence(q_site["fn"], p_site["fn"])
             except NotImplementedError:
-                raise ConfigError(
-                    f"elbo-condkl-sg needs an analytic KL at site {name!r} "
-                    f"({type(q_site['fn']).__name__} vs {type(p_site['fn']).__name__})"
-                ) from None
+                value = _sampled_top_kl(draws, name)
             value = scale_and_mask(value, q_site["scale"], q_site["mask"])
             kl = kl + per_datapoint(q_site, value, draws.nesting)
         return rec, kl
+
+
+def _sampled_top_kl(draws: _Draws, name: str) -> torch.Tensor:
+    """``log q(z) - log p(z)`` at the live sample ``(S, B, ...)`` for a site whose KL has no
+    closed form. Only the first latent of both traces qualifies: it has no upper sample to
+    hold fixed, so its semi-gradient is the full reparameterized gradient."""
+    q_site, p_site = draws.q_trace.nodes[name], draws.p_trace.nodes[name]
+    firsts = [
+        next(n for n, _ in sample_sites(t) if n in draws.leaves)  # leaves: the latents
+        for t in (draws.q_trace, draws.p_trace)
+    ]
+    if firsts != [name, name]:
+        raise ConfigError(
+            f"elbo-condkl-sg needs an analytic KL at site {name!r} "
+            f"({type(q_site['fn']).__name__} vs {type(p_site['fn']).__name__}): only the top "
+            "site may use a distribution without a closed-form KL"
+        )
+    z = draws.live[name]
+    return q_site["fn"].log_prob(z) - p_site["fn"].log_prob(z)
