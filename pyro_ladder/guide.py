@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ._memo import Memo
 from .config import LadderConfig
 from .layers import MLP, GaussianBlock, GaussianHead
 from .merge import precision_weighted
@@ -39,6 +40,7 @@ class TopDownInference(nn.Module):
             GaussianHead(h, k, c.var_floor)
             for h, k in zip(c.hidden_dims, c.latent_dims, strict=True)
         )
+        self._memo = Memo()
 
     def upward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The "approximate likelihood" ``(mu_hat_n, sigma_hat_n)`` for n = 1..L, each (B, k_n)."""
@@ -49,8 +51,12 @@ class TopDownInference(nn.Module):
         return out
 
     def guide(self, x: torch.Tensor, generative: Generative) -> None:
-        """Sample ``z{L}`` .. ``z1`` given ``x (B, x_dim)``, inside ``plate("data")``."""
-        heads = self.upward(x)
+        """Sample ``z{L}`` .. ``z1`` given ``x (B, x_dim)``, inside ``plate("data")``.
+
+        The upward pass does not depend on the samples: an estimator that runs the guide
+        twice on the same ``x`` (e.g. ``iwae-dreg``) gets it once (see ``pyro_ladder._memo``).
+        """
+        heads = self._memo.call("upward", self, x, self.upward)
         depth = len(heads)
         with pyro.plate("data", x.shape[0], dim=-1):
             loc, scale = heads[-1]

@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ._memo import Memo
 from .config import LadderConfig
 from .layers import GaussianBlock
 from .likelihoods import make_likelihood
@@ -36,10 +37,17 @@ class Generative(nn.Module):
         )
         self.depth = c.depth
         self.top_dim = c.latent_dims[-1]
+        self._memo = Memo()
 
     def prior(self, i: int, z_above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loc, scale)`` of ``p(z_i | z_{i+1})``: ``(..., k_{i+1}) -> 2 x (..., k_i)``."""
-        return self.priors[i - 1](z_above)
+        """``(loc, scale)`` of ``p(z_i | z_{i+1})``: ``(..., k_{i+1}) -> 2 x (..., k_i)``.
+
+        The top-down guide asks for this at its samples and the model, replaying them,
+        asks again at the very same tensors: the second request reuses the first result
+        (:class:`~pyro_ladder._memo.Memo`), so the prior networks run once per pass.
+        """
+        net = self.priors[i - 1]
+        return self._memo.call(i, net, z_above, net)
 
     def top_prior(self, like: torch.Tensor) -> dist.Distribution:
         """``p(z_L) = N(0, I)``, event shape ``(k_L,)``, on the device and dtype of ``like``."""

@@ -1,0 +1,105 @@
+"""The guide's results reused by the model (pyro_ladder._memo): same numbers, less work."""
+
+import warnings
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI
+
+from pyro_ladder import LadderVAE, make_elbo
+from pyro_ladder._memo import Memo
+
+
+def _vae(batch_norm=False):
+    torch.manual_seed(4)
+    return LadderVAE(6, (4, 3, 2), (10, 8, 6), batch_norm=batch_norm).double()
+
+
+def _x():
+    torch.manual_seed(5)
+    return torch.rand(7, 6, dtype=torch.float64).round()
+
+
+def _loss_and_grads(vae, x, name, particles):
+    vae.zero_grad(set_to_none=True)
+    pyro.set_rng_seed(3)
+    elbo = make_elbo(name, particles, max_plate_nesting=1)
+    loss = elbo.loss_and_grads(vae.model, vae.guide, x)
+    return loss, [p.grad.clone() for p in vae.parameters()]
+
+
+def _count_prior_calls(vae):
+    calls = []
+    for i, net in enumerate(vae.generative.priors):
+        net.register_forward_hook(lambda *_, i=i: calls.append(i))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "name, particles", [("elbo", 1), ("iwae", 5), ("iwae-dreg", 5), ("stl", 3), ("miwae", 4)]
+)
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_reuse_gives_the_same_loss_and_gradients(monkeypatch, name, particles, batch_norm):
+    vae, x = _vae(batch_norm), _x()
+    calls = _count_prior_calls(vae)
+    loss, grads = _loss_and_grads(vae, x, name, particles)
+    with_memo = len(calls)
+    vae.load_state_dict(_vae(batch_norm).state_dict())  # batch-norm statistics as before
+    monkeypatch.setattr(Memo, "call", lambda self, key, module, inp, fn: fn(inp))
+    calls.clear()
+    ref_loss, ref_grads = _loss_and_grads(vae, x, name, particles)
+    assert loss == pytest.approx(ref_loss, rel=1e-13)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-11, atol=1e-12)
+    assert with_memo < len(calls)  # the model did not run the prior networks again
+
+
+def test_batch_norm_statistics_move_once_per_step():
+    vae, x = _vae(batch_norm=True), _x()
+    _loss_and_grads(vae, x, "elbo", 1)
+    counts = {int(m.num_batches_tracked) for m in vae.modules() if hasattr(m, "running_mean")}
+    assert counts == {1}
+
+
+def test_repeated_gradients_at_fixed_parameters_recompute_after_backward():
+    """gradient_snr's pattern: the same x, unchanged parameters, one backward after another."""
+    vae, x = _vae(), _x()
+    first = _loss_and_grads(vae, x, "elbo", 1)
+    second = _loss_and_grads(vae, x, "elbo", 1)  # a spent graph would raise here
+    assert first[0] == second[0]
+    for a, b in zip(first[1], second[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_changed_parameters_are_never_served_from_the_memo():
+    vae, x = _vae(), _x()
+    guide_trace = poutine.trace(vae.guide).get_trace(x)
+    with torch.no_grad():
+        vae.generative.priors[0].head.loc.bias.add_(1.0)  # an optimizer step, in effect
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+    z2 = guide_trace.nodes["z2"]["value"]
+    expected, _ = vae.generative.priors[0](z2)
+    torch.testing.assert_close(model_trace.nodes["z1"]["fn"].base_dist.loc, expected)
+
+
+def test_jit_elbo_compiles_with_one_and_several_particles():
+    vae, x = _vae(batch_norm=True), _x()
+    vae.float()
+    for particles in (1, 3):
+        svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}),
+                  make_elbo("jit-elbo", particles))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated
+            losses = [svi.step(x.float()) for _ in range(2)]
+        assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_memo_survives_deepcopy_empty():
+    import copy
+
+    vae, x = _vae(), _x()
+    poutine.trace(vae.guide).get_trace(x)  # leaves entries holding graph tensors
+    clone = copy.deepcopy(vae)
+    assert clone.generative._memo._entries == {}
