@@ -44,3 +44,18 @@ def test_ladder_vs_vae_smoke(tmp_path):
     assert len(saved["rows"]) == 4 and saved["args"]["epochs"] == "1"
     for name in ("depth.png", "pca.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_discrete_layers_smoke(tmp_path):
+    experiment = _load("discrete_layers")
+    result = experiment.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    labels = [r["label"] for r in saved["rows"]]
+    assert labels == list(experiment.RUNS) == [r["label"] for r in result["rows"]]
+    for row in saved["rows"]:
+        assert row["test_elbo"] <= row["test_log_likelihood"] + 1e-6
+        assert 0.0 <= row["draws_on_support"] <= 1.0
+        if row["pair"] == "discrete":
+            assert set(row["gradient"]) == set(experiment.GROUPS)
+    for name in ("data", "joint", "conditional_marginals", "marginals", "curves", "gradients"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0

@@ -52,11 +52,11 @@ def joint_figure(draws: dict, c: torch.Tensor, data: ToySample):
         z2 = d["z2"][:, :2]
         _scatter(row[0], z2, c, f"{name}: z2", _extent(z2))
         if d["z1"].dim() == 1:
-            _category_bars(row[1], d["z1"], c, f"{name}: z1 (category) by class")
+            _category_bars(row[1], d["z1"], c, f"{name}: z1 draws by class")
         else:
             _scatter(row[1], d["z1"][:, :2], c, f"{name}: z1", _extent(d["z1"][:, :2]))
         row[2].scatter(data.x[:, 0], data.x[:, 1], s=2, color="0.85")
-        _scatter(row[2], d["x"], c, f"{name}: x over the data (grey)", lims)
+        _scatter(row[2], d["x"], c, f"{name}: x (data in grey)", lims)
     fig.tight_layout()
     return fig
 
