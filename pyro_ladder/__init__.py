@@ -10,7 +10,14 @@ pair from them.
 from .config import PRESETS, LadderConfig, preset
 from .diagnostics import active_units, effective_sample_size, gradient_snr, mutual_information
 from .elbo import ESTIMATORS, make_elbo
-from .errors import CheckpointError, ConfigError, DataError, PyroLadderError, TrainingError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    NumericalError,
+    PyroLadderError,
+    TrainingError,
+)
 from .evaluate import evaluate, log_likelihood
 from .layers import MLP, GaussianBlock, GaussianHead, broadcast_cat
 from .likelihoods import BernoulliLikelihood, GaussianLikelihood, make_likelihood
@@ -37,6 +44,7 @@ __all__ = [
     "LadderConfig",
     "LadderVAE",
     "LatentWeight",
+    "NumericalError",
     "PyroLadderError",
     "TrainingError",
     "effective_sample_size",

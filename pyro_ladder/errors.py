@@ -23,3 +23,7 @@ class CheckpointError(PyroLadderError, ValueError):
 
 class TrainingError(PyroLadderError, RuntimeError):
     """Training cannot go on (a NaN or infinite loss); the message names the step."""
+
+
+class NumericalError(PyroLadderError, ArithmeticError):
+    """A computation produced NaN or infinity where a number was due; nothing is reported."""

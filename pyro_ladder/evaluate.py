@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ._traces import max_plate_nesting, per_datapoint, sample_sites
 from ._util import eval_mode, modules_of
-from .errors import ConfigError
+from .errors import ConfigError, NumericalError
 
 
 @torch.no_grad()
@@ -71,6 +71,7 @@ def evaluate(
             ).items():
                 parts[key].append(value)
     out = {key: torch.cat(values) for key, values in parts.items()}
+    _check_finite(out)
     return {
         "log_likelihood": out.pop("log_likelihood"),
         "elbo": out.pop("elbo"),
@@ -80,6 +81,19 @@ def evaluate(
         "cross_entropy": {name[3:]: v for name, v in out.items() if name.startswith("ce:")},
         "num_samples": num_samples,
     }
+
+
+def _check_finite(out: dict) -> None:
+    """Refuse to report NaN or infinity as a log-likelihood, bound or KL."""
+    for key, value in out.items():
+        bad = ~torch.isfinite(value)
+        if bad.any():
+            rows = bad.nonzero().flatten()[:5].tolist()
+            raise NumericalError(
+                f"evaluation gave a non-finite {key} for {int(bad.sum())} data points (rows "
+                f"{rows}...): the model or guide produces NaN or infinite log-densities there; "
+                "check those rows and the networks' weights"
+            )
 
 
 def log_likelihood(model, guide, data, *args, num_samples: int = 5000, **kwargs) -> torch.Tensor:

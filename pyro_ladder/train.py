@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import random
 import time
 
+import numpy as np
 import pyro
 import pyro.optim
 import torch
@@ -39,6 +42,9 @@ def fit(
     progress: bool = True,
     callback=None,
     tensorboard: str | None = None,
+    checkpoint=None,
+    checkpoint_every: int | None = None,
+    resume: dict | None = None,
     **kwargs,
 ) -> list[dict]:
     """Train ``model``/``guide`` on ``data (N, ...)`` with ``pyro.infer.SVI``.
@@ -58,47 +64,209 @@ def fit(
     :param callback: called as ``callback(record)`` after every epoch.
     :param tensorboard: a folder: log every number of each epoch's record there with
         TensorBoard's ``SummaryWriter`` (needs the ``tensorboard`` package). Off by default.
+    :param checkpoint: called as ``checkpoint(state)`` before the first step, after every
+        epoch and every ``checkpoint_every`` steps, with the training state (a dict of plain
+        data and tensors: position, history, optimizer state, RNG states). The caller saves
+        it beside the weights, e.g. ``lambda s: save_checkpoint(path, vae, meta, training=s)``.
+    :param checkpoint_every: also call ``checkpoint`` every this many steps within an epoch.
+    :param resume: a training state saved by ``checkpoint`` (with the weights it was saved
+        with already loaded): training continues from that point with the same random
+        numbers, so the run ends bitwise equal to one that was never interrupted. The
+        options must be those of the saved run; only ``epochs`` may grow.
     :returns: one dict per epoch: ``epoch``, ``loss`` (nats per example, the warmed-up
         negative objective), ``kl_weight``, ``seconds``, and with ``monitor`` also
         ``monitor_elbo`` and ``kl_<site>``.
-    :raises TrainingError: when the loss becomes NaN or infinite (the message names the step).
+    :raises TrainingError: when the loss becomes NaN or infinite (the message names the step;
+        ``checkpoint`` is not called again, so the last good state stays on disk).
     """
-    _check_fit_options(data, epochs, batch_size, lr, warmup_epochs)
-    if seed is not None:
+    _check_fit_options(data, epochs, batch_size, lr, warmup_epochs, checkpoint_every)
+    options = {
+        "elbo": elbo if isinstance(elbo, str) else type(elbo).__name__,
+        "num_particles": num_particles,
+        "batch_size": batch_size,
+        "lr": float(lr),
+        "warmup_epochs": warmup_epochs,
+        "binarize": bool(binarize),
+        "num_rows": len(data),
+    }
+    if resume is None and seed is not None:
         pyro.set_rng_seed(seed)
     loss_fn = make_elbo(elbo, num_particles) if isinstance(elbo, str) else elbo
     optim = optimizer if optimizer is not None else pyro.optim.Adam({"lr": lr})
     if warmup_epochs:
         model, guide = with_kl_weight(model), with_kl_weight(guide)
-    svi = SVI(model, guide, optim, loss_fn)
-    steps_per_epoch = max(1, len(data) // batch_size)
-    history, start = [], time.perf_counter()
-    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step")
-    writer = _summary_writer(tensorboard)
-    try:
-        for epoch in range(epochs):
-            beta = kl_weight(epoch, warmup_epochs)
-            weight = (data.new_tensor(beta),) if warmup_epochs else ()
-            x_epoch = binarize_pixels(data) if binarize else data
-            loss = _run_epoch(svi, x_epoch, batch_size, weight, args, kwargs, epoch, bar)
-            record = {"epoch": epoch + 1, "loss": loss, "kl_weight": beta}
-            record["seconds"] = time.perf_counter() - start
-            if monitor is not None:
-                record.update(_monitor(svi, monitor, args, kwargs, warmup_epochs))
-            history.append(record)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.2f}", beta=f"{beta:.2f}")
-            log.info("epoch %d loss %.3f nats/example", epoch + 1, loss)
+    run = _Run(SVI(model, guide, optim, loss_fn), data, options, args, kwargs)
+    run.checkpoint, run.checkpoint_every = checkpoint, checkpoint_every
+    if resume is not None:
+        run.restore(resume, epochs)
+    return run.train(epochs, monitor, progress, callback, tensorboard)
+
+
+class _Run:
+    """The loop of :func:`fit` and its position, which a checkpoint saves and restores.
+
+    ``epoch`` counts finished epochs, ``step`` the finished steps of the current one, whose
+    loss so far is ``total`` over ``seen`` rows. ``epoch_rng`` holds the RNG states at the
+    start of the current epoch: they redraw its binarization and order on resume.
+    """
+
+    def __init__(self, svi, data, options, args, kwargs):
+        self.svi, self.data, self.options = svi, data, options
+        self.args, self.kwargs = args, kwargs
+        self.steps = max(1, len(data) // options["batch_size"])
+        self.epoch, self.step, self.total, self.seen = 0, 0, 0.0, 0
+        self.seconds, self.history, self.epoch_rng = 0.0, [], None
+        self.checkpoint, self.checkpoint_every = None, None
+
+    def train(self, epochs, monitor, progress, callback, tensorboard) -> list[dict]:
+        bar = tqdm(total=epochs * self.steps, disable=not progress, unit="step")
+        bar.update(self.epoch * self.steps + self.step)
+        writer = _summary_writer(tensorboard)
+        start, before = time.perf_counter(), self.seconds
+        if self.epoch == 0 and self.step == 0:
+            self._save()
+        try:
+            while self.epoch < epochs:
+                record = self._epoch(epochs, bar)
+                if monitor is not None:
+                    record.update(_monitor(self.svi, monitor, self.args, self.kwargs, self.warm))
+                self.seconds = before + time.perf_counter() - start
+                record["seconds"] = self.seconds
+                self._finish_epoch(record, bar, writer, callback)
+        finally:
+            bar.close()
             if writer is not None:
-                for key, value in record.items():
-                    if key != "epoch":
-                        writer.add_scalar(key, value, epoch + 1)
-            if callback is not None:
-                callback(record)
-    finally:
-        bar.close()
+                writer.close()
+        return list(self.history)
+
+    @property
+    def warm(self) -> int:
+        return self.options["warmup_epochs"]
+
+    def _epoch(self, epochs, bar) -> dict:
+        """Run the remaining steps of the current epoch; returns its record so far."""
+        beta = kl_weight(self.epoch, self.warm)
+        weight = (self.data.new_tensor(beta),) if self.warm else ()
+        x, order = self._epoch_data()
+        batch_size = self.options["batch_size"]
+        while self.step < self.steps:
+            rows = order[self.step * batch_size : (self.step + 1) * batch_size]
+            loss = self._step(weight, x[rows])  # x[rows]: (B, ...)
+            self.total, self.seen, self.step = (
+                self.total + loss,
+                self.seen + len(rows),
+                self.step + 1,
+            )
+            bar.update(1)
+            if self.step % 10 == 0:
+                bar.set_postfix(epoch=self.epoch + 1, loss=f"{self.total / self.seen:.2f}")
+            every = self.checkpoint_every
+            if every and self.step % every == 0 and self.step < self.steps:
+                self._save()
+        return {"epoch": self.epoch + 1, "loss": self.total / self.seen, "kl_weight": beta}
+
+    def _epoch_data(self):
+        """This epoch's (binarized) rows and their order, drawn from ``epoch_rng``."""
+        if self.step == 0:
+            self.epoch_rng = rng_state()
+            now = None
+        else:  # resuming mid-epoch: redraw the epoch's data, then jump to the saved state
+            now = rng_state()
+            set_rng_state(self.epoch_rng)
+        x = binarize_pixels(self.data) if self.options["binarize"] else self.data
+        order = torch.randperm(len(x))
+        if now is not None:
+            set_rng_state(now)
+        return x, order
+
+    def _step(self, weight, batch) -> float:
+        try:
+            loss = self.svi.step(*weight, batch, *self.args, **self.kwargs)
+        except ValueError as err:  # Pyro's validation: a distribution got NaN parameters
+            if "invalid values" not in str(err):
+                raise
+            loss = math.nan
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss} at epoch {self.epoch + 1}, step {self.step + 1}: "
+                "lower the learning rate (--lr), add warm-up, or check the data for extreme "
+                "values"
+            )
+        return loss
+
+    def _finish_epoch(self, record, bar, writer, callback) -> None:
+        self.history.append(record)
+        self.epoch, self.step, self.total, self.seen = self.epoch + 1, 0, 0.0, 0
+        self._save()
+        bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.2f}")
+        log.info("epoch %d loss %.3f nats/example", record["epoch"], record["loss"])
         if writer is not None:
-            writer.close()
-    return history
+            for key, value in record.items():
+                if key != "epoch":
+                    writer.add_scalar(key, value, record["epoch"])
+        if callback is not None:
+            callback(record)
+
+    def _save(self) -> None:
+        if self.checkpoint is None:
+            return
+        self.checkpoint(
+            {
+                "options": dict(self.options),
+                "position": {
+                    "epoch": self.epoch,
+                    "step": self.step,
+                    "total": self.total,
+                    "seen": self.seen,
+                    "seconds": self.seconds,
+                    "epoch_rng": self.epoch_rng if self.step else None,
+                },
+                "history": [dict(r) for r in self.history],
+                "optimizer": copy.deepcopy(self.svi.optim.get_state()),
+                "rng": rng_state(),
+            }
+        )
+
+    def restore(self, state: dict, epochs: int) -> None:
+        """Continue from ``state`` (see :meth:`_save`); refuse it if the options differ."""
+        saved = state.get("options", {})
+        changed = sorted(k for k in self.options if saved.get(k) != self.options[k])
+        if changed:
+            was = ", ".join(f"{k}={saved.get(k)!r} (now {self.options[k]!r})" for k in changed)
+            raise ConfigError(
+                f"cannot resume: the run was trained with {was}; resume with the options "
+                "it was started with"
+            )
+        pos = state["position"]
+        if pos["epoch"] > epochs:
+            raise ConfigError(
+                f"cannot resume: the run has already trained {pos['epoch']} epochs, more than "
+                f"the {epochs} asked for; ask for at least {pos['epoch']}"
+            )
+        self.epoch, self.step = pos["epoch"], pos["step"]
+        self.total, self.seen, self.seconds = pos["total"], pos["seen"], pos["seconds"]
+        self.epoch_rng, self.history = pos["epoch_rng"], [dict(r) for r in state["history"]]
+        self.svi.optim.set_state(state["optimizer"])
+        set_rng_state(state["rng"])
+
+
+def rng_state() -> dict:
+    """The states of torch's, Python's and numpy's generators, as tensors and plain data."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the generators from :func:`rng_state`'s result."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def _summary_writer(log_dir):
@@ -113,32 +281,6 @@ def _summary_writer(log_dir):
     return SummaryWriter(log_dir=str(log_dir))
 
 
-def _run_epoch(svi, x, batch_size, weight, args, kwargs, epoch, bar) -> float:
-    """One pass over ``x`` in a random order; returns the mean loss per example."""
-    order = torch.randperm(len(x))
-    steps = max(1, len(x) // batch_size)
-    total, seen = 0.0, 0
-    for step in range(steps):
-        batch = x[order[step * batch_size : (step + 1) * batch_size]]  # (B, ...)
-        try:
-            loss = svi.step(*weight, batch, *args, **kwargs)
-        except ValueError as err:  # Pyro's validation: a distribution got NaN parameters
-            if "invalid values" not in str(err):
-                raise
-            loss = math.nan
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"the loss became {loss} at epoch {epoch + 1}, step {step + 1}: lower the "
-                "learning rate (--lr), add warm-up, or check the data for extreme values"
-            )
-        total += loss
-        seen += len(batch)
-        bar.update(1)
-        if step % 10 == 0:
-            bar.set_postfix(epoch=epoch + 1, loss=f"{total / seen:.2f}")
-    return total / seen
-
-
 def _monitor(svi, data, args, kwargs, warmed) -> dict:
     """One-sample ELBO and per-site KL on held-out rows, in nats per example."""
     model, guide = svi.model, svi.guide
@@ -150,7 +292,7 @@ def _monitor(svi, data, args, kwargs, warmed) -> dict:
     return record
 
 
-def _check_fit_options(data, epochs, batch_size, lr, warmup_epochs):
+def _check_fit_options(data, epochs, batch_size, lr, warmup_epochs, checkpoint_every):
     if len(data) == 0:
         raise ConfigError("the training data are empty: pass at least one row")
     for name, v in [("epochs", epochs), ("batch_size", batch_size)]:
@@ -165,3 +307,9 @@ def _check_fit_options(data, epochs, batch_size, lr, warmup_epochs):
         raise ConfigError(f"the learning rate must be a positive number, got {lr!r}")
     if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
         raise ConfigError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs!r}")
+    if checkpoint_every is not None and (
+        isinstance(checkpoint_every, bool)
+        or not isinstance(checkpoint_every, int)
+        or checkpoint_every < 1
+    ):
+        raise ConfigError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
