@@ -1,0 +1,558 @@
+"""Speed and memory of pyro_ladder against the plain-PyTorch reference, side by side.
+
+``python -m benchmarks`` (or ``python benchmarks/run.py``) measures, in one process and
+interleaved (library, reference, reference, library, ... so that a change in machine load
+hits both alike), the median over repeats of
+
+1. ``train``: one training step (``SVI.step`` with ``pyro.optim.Adam``, as ``fit`` runs it,
+   against ``torch.optim.Adam`` on the reference), and the gradient alone without the
+   optimizer, for ``elbo``, ``iwae`` and ``iwae-dreg`` (K=5) and Pyro's ``jit-elbo``;
+   the paper's 5-layer network, batch 256, binarized MNIST;
+2. ``eval``: the importance-sampled log-likelihood with K=5000 on fixed test images: time,
+   images per second, the projected time for the 10,000-image test set, and the peak
+   resident memory of a fresh process that runs only that evaluation;
+3. ``scaling``: step time against K and against depth, evaluation time against K, and peak
+   memory against K and against the number of images.
+
+It prints tables and writes JSON with the conditions (threads, versions, load average at
+start and end). ``--tiny`` runs every part once on a small network and the digits data, in
+seconds (the test suite does this). Run from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import pyro.optim
+import torch
+from pyro.infer import SVI
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/run.py` puts only benchmarks/ on the path
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.reference import ReferenceLadder  # noqa: E402
+from pyro_ladder import LadderVAE, log_likelihood, make_elbo, preset  # noqa: E402
+from pyro_ladder.data import binarize, load_dataset  # noqa: E402
+
+SECTIONS = ("train", "eval", "scaling")
+TARGETS = {"elbo": 1.10, "iwae": 1.15, "iwae-dreg": 1.15, "eval": 1.10}
+MEMORY_TARGET_MB = 2048
+TEST_SET = 10_000
+
+FULL = dict(
+    dataset="binarized-mnist",
+    latent=(64, 32, 16, 8, 4),
+    hidden=(512, 256, 128, 64, 32),
+    batch=256,
+    particles=5,
+    train_steps=9,
+    eval_images=20,
+    eval_samples=5000,
+    eval_repeats=3,
+    scaling_k=(1, 5, 20, 50),
+    scaling_depths=(1, 2, 3, 4, 5),
+    scaling_repeats=3,
+    eval_k=(500, 1000, 2000, 5000),
+    eval_k_images=10,
+    memory_k=(50, 500, 5000),
+    memory_k_images=20,
+    memory_images=(100, 1000, 10_000),
+    memory_images_k=20,
+)
+TINY = dict(
+    dataset="digits",
+    latent=(4, 2),
+    hidden=(16, 8),
+    batch=16,
+    particles=2,
+    train_steps=1,
+    eval_images=4,
+    eval_samples=20,
+    eval_repeats=1,
+    scaling_k=(1, 2),
+    scaling_depths=(1, 2),
+    scaling_repeats=1,
+    eval_k=(5, 10),
+    eval_k_images=2,
+    memory_k=(5,),
+    memory_k_images=2,
+    memory_images=(2,),
+    memory_images_k=5,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--tiny", action="store_true", help="one small iteration of each part")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed training steps")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma list of parts")
+    parser.add_argument("--data-dir", default=None, help="folder with binarized_mnist/")
+    parser.add_argument("--out", default=None, help="JSON file to write")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(args.only) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown part(s) {unknown}; choose from {list(SECTIONS)}")
+    if args.threads < 1 or (args.repeats is not None and args.repeats < 1):
+        parser.error("--threads and --repeats must be positive")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    size = dict(TINY if args.tiny else FULL)
+    if args.repeats is not None:
+        size["train_steps"] = args.repeats
+    data = _load(size["dataset"], args.data_dir)
+    results = {"conditions": _conditions(args, size, start=True)}
+    for part in args.only:
+        results[part] = PARTS[part](data, size, args)
+    results["conditions"].update(_conditions(args, size, start=False))
+    results["targets"] = _targets(results)
+    _print_targets(results["targets"])
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / _default_name(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nwrote {out}")
+    return results
+
+
+def _default_name(args) -> str:
+    return f"{'tiny' if args.tiny else 'paper-mnist'}-threads{args.threads}.json"
+
+
+# ---------------------------------------------------------------- data, models, timing
+
+
+def _load(name, data_dir):
+    """``{"train": (N, D), "test": (M, D)}`` binary float32 tensors."""
+    if name == "digits":
+        ds = load_dataset("digits")
+        gen = torch.Generator().manual_seed(0)
+        return {
+            "train": binarize(ds.train, generator=gen),
+            "test": binarize(ds.test, generator=gen),
+        }
+    if data_dir is None and (ROOT.parent / "shared" / "data").is_dir():
+        data_dir = ROOT.parent / "shared" / "data"
+    ds = load_dataset(name, data_dir, download=False)
+    return {"train": ds.train.float(), "test": ds.test.float()}
+
+
+def _pair(x_dim, latent, hidden, seed):
+    """A library ``LadderVAE`` and a reference with the same weights."""
+    pyro.clear_param_store()
+    torch.manual_seed(seed)
+    config = preset("paper-mnist", x_dim, latent_dims=latent, hidden_dims=hidden)
+    vae = LadderVAE.from_config(config)
+    return vae, ReferenceLadder.from_library(vae)
+
+
+def _interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds of each function; the order alternates between repeats."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()} | {
+        f"{name}_all": t for name, t in times.items()
+    }
+
+
+class _Batches:
+    """Cycles through minibatches of the training set; each timed pair uses a fresh one."""
+
+    def __init__(self, train, batch):
+        self.train, self.batch, self.i = train, batch, 0
+
+    def __call__(self):
+        n = len(self.train) // self.batch
+        x = self.train[(self.i % n) * self.batch : (self.i % n + 1) * self.batch]
+        self.i += 1
+        return x
+
+
+# ---------------------------------------------------------------- 1. training step
+
+
+def _train_fns(vae, ref, estimator, k, x_of):
+    """Four timed functions: full steps and gradients alone, library and reference."""
+    lib_name = "elbo" if estimator == "jit-elbo" else estimator
+    elbo = make_elbo(estimator, k)
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), elbo)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+    grad_elbo = make_elbo(estimator, k)
+    batch = {}
+
+    def lib_step():
+        batch["x"] = x_of()
+        svi.step(batch["x"])
+
+    def ref_step():
+        ref.train_step(opt, batch["x"], lib_name, k)
+
+    def lib_grad():
+        vae.zero_grad(set_to_none=True)
+        grad_elbo.loss_and_grads(vae.model, vae.guide, batch["x"])
+
+    def ref_grad():
+        ref.zero_grad(set_to_none=True)
+        if lib_name == "iwae-dreg":
+            ref.dreg_backward(batch["x"], k)
+        else:
+            (
+                ref.elbo_loss(batch["x"]) if lib_name == "elbo" else ref.iwae_loss(batch["x"], k)
+            ).backward()
+
+    return {
+        "library": lib_step,
+        "reference": ref_step,
+        "library_grad": lib_grad,
+        "reference_grad": ref_grad,
+    }
+
+
+def _train_row(data, size, args, estimator, k, latent, hidden, repeats):
+    vae, ref = _pair(data["train"].shape[1], latent, hidden, args.seed)
+    fns = _train_fns(vae, ref, estimator, k, _Batches(data["train"], size["batch"]))
+    with _quiet_jit():
+        t = _interleaved(fns, repeats, warmup=3)
+    return {
+        "estimator": estimator,
+        "particles": k,
+        "depth": len(latent),
+        "batch": size["batch"],
+        "library_ms": 1e3 * t["library"],
+        "reference_ms": 1e3 * t["reference"],
+        "ratio": t["library"] / t["reference"],
+        "library_grad_ms": 1e3 * t["library_grad"],
+        "reference_grad_ms": 1e3 * t["reference_grad"],
+        "grad_ratio": t["library_grad"] / t["reference_grad"],
+        "library_ms_all": [1e3 * v for v in t["library_all"]],
+        "reference_ms_all": [1e3 * v for v in t["reference_all"]],
+    }
+
+
+def run_train(data, size, args) -> list:
+    rows = []
+    k = size["particles"]
+    for estimator, particles in [("elbo", 1), ("iwae", k), ("iwae-dreg", k), ("jit-elbo", 1)]:
+        row = _train_row(
+            data,
+            size,
+            args,
+            estimator,
+            particles,
+            size["latent"],
+            size["hidden"],
+            size["train_steps"],
+        )
+        row["target"] = TARGETS.get(estimator)
+        rows.append(row)
+    _print_table(
+        "training step (median ms; 'grad': the gradient without the optimizer step)",
+        rows,
+        [
+            "estimator",
+            "particles",
+            "library_ms",
+            "reference_ms",
+            "ratio",
+            "library_grad_ms",
+            "reference_grad_ms",
+            "grad_ratio",
+            "target",
+        ],
+    )
+    return rows
+
+
+class _quiet_jit:
+    """torch 2.14 warns on every torch.jit.trace (Pyro's jit-elbo); the timing is the point."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+# ---------------------------------------------------------------- 2. evaluation
+
+
+def _eval_fns(vae, ref, x, k):
+    def lib():
+        log_likelihood(vae.model, vae.guide, x, num_samples=k)
+
+    def reference():
+        ref.log_likelihood(x, k)
+
+    return {"library": lib, "reference": reference}
+
+
+def _eval_row(vae, ref, x, k, repeats) -> dict:
+    t = _interleaved(_eval_fns(vae, ref, x, k), repeats, warmup=0)
+    n = len(x)
+    return {
+        "images": n,
+        "samples": k,
+        "library_s": t["library"],
+        "reference_s": t["reference"],
+        "ratio": t["library"] / t["reference"],
+        "library_images_per_s": n / t["library"],
+        "reference_images_per_s": n / t["reference"],
+        "library_test_set_min": TEST_SET * t["library"] / n / 60,
+        "reference_test_set_min": TEST_SET * t["reference"] / n / 60,
+    }
+
+
+def run_eval(data, size, args) -> dict:
+    vae, ref = _pair(data["train"].shape[1], size["latent"], size["hidden"], args.seed)
+    x = data["test"][: size["eval_images"]]
+    row = _eval_row(vae, ref, x, size["eval_samples"], size["eval_repeats"])
+    row["target"] = TARGETS["eval"]
+    for which in ("library", "reference"):
+        mem = _memory_probe(which, vae, x, size["eval_samples"], args.threads)
+        row[f"{which}_peak_rss_mb"] = mem["peak_rss_mb"]
+        row[f"{which}_eval_rss_increase_mb"] = mem["increase_mb"]
+    _print_table(
+        f"evaluation, K={size['eval_samples']}, {len(x)} test images",
+        [row],
+        [
+            "images",
+            "samples",
+            "library_s",
+            "reference_s",
+            "ratio",
+            "library_images_per_s",
+            "reference_images_per_s",
+            "library_test_set_min",
+            "reference_test_set_min",
+            "library_peak_rss_mb",
+            "reference_peak_rss_mb",
+        ],
+    )
+    return row
+
+
+def _memory_probe(which, vae, x, k, threads) -> dict:
+    """Peak resident memory of a fresh process that builds the network and evaluates
+    ``x`` with ``k`` samples (``ru_maxrss``, which counts the whole process: Python, torch,
+    the weights and the data)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    state = {k_: v.clone() for k_, v in vae.state_dict().items()}
+    proc = ctx.Process(
+        target=_probe, args=(queue, which, vae.config.to_dict(), state, x.clone(), k, threads)
+    )
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def _probe(queue, which, config, state, x, k, threads):
+    torch.set_num_threads(threads)
+    vae = LadderVAE(**config)
+    vae.load_state_dict(state)
+    ref = ReferenceLadder.from_library(vae) if which == "reference" else None
+    before = _maxrss_mb()
+    start = time.perf_counter()
+    if ref is None:
+        log_likelihood(vae.model, vae.guide, x, num_samples=k)
+    else:
+        ref.log_likelihood(x, k)
+    seconds = time.perf_counter() - start
+    peak = _maxrss_mb()
+    queue.put({"peak_rss_mb": peak, "increase_mb": peak - before, "seconds": seconds})
+
+
+def _maxrss_mb() -> float:
+    """Peak resident memory of this process in MB: ``VmHWM`` on Linux, which belongs to
+    this program alone (``ru_maxrss`` would carry over the parent's peak across the
+    fork and exec that start the probe), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    scale = 1024 if sys.platform != "darwin" else 1024 * 1024  # kB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+# ---------------------------------------------------------------- 3. scaling
+
+
+def run_scaling(data, size, args) -> dict:
+    x_dim = data["train"].shape[1]
+    latent, hidden, reps = size["latent"], size["hidden"], size["scaling_repeats"]
+    out = {
+        "step_vs_k": [],
+        "step_vs_depth": [],
+        "eval_vs_k": [],
+        "memory_vs_k": [],
+        "memory_vs_images": [],
+    }
+    for estimator in ("iwae", "iwae-dreg"):
+        for k in size["scaling_k"]:
+            out["step_vs_k"].append(
+                _train_row(data, size, args, estimator, k, latent, hidden, reps)
+            )
+    for depth in size["scaling_depths"]:
+        row = _train_row(data, size, args, "elbo", 1, latent[:depth], hidden[:depth], reps)
+        out["step_vs_depth"].append(row)
+    vae, ref = _pair(x_dim, latent, hidden, args.seed)
+    x = data["test"][: size["eval_k_images"]]
+    for k in size["eval_k"]:
+        out["eval_vs_k"].append(_eval_row(vae, ref, x, k, 1))
+    for k in size["memory_k"]:
+        out["memory_vs_k"].append(
+            _memory_row(vae, data["test"][: size["memory_k_images"]], k, args)
+        )
+    for n in size["memory_images"]:
+        out["memory_vs_images"].append(
+            _memory_row(vae, data["test"][:n], size["memory_images_k"], args)
+        )
+    _print_scaling(out)
+    return out
+
+
+def _memory_row(vae, x, k, args) -> dict:
+    row = {"images": len(x), "samples": k}
+    for which in ("library", "reference"):
+        mem = _memory_probe(which, vae, x, k, args.threads)
+        row[f"{which}_peak_rss_mb"] = mem["peak_rss_mb"]
+        row[f"{which}_eval_rss_increase_mb"] = mem["increase_mb"]
+        row[f"{which}_s"] = mem["seconds"]
+    return row
+
+
+def _print_scaling(out):
+    step_cols = ["estimator", "particles", "depth", "library_ms", "reference_ms", "ratio"]
+    _print_table("step time against K (batch as above)", out["step_vs_k"], step_cols)
+    _print_table("elbo step time against depth", out["step_vs_depth"], step_cols)
+    _print_table(
+        "evaluation time against K",
+        out["eval_vs_k"],
+        ["images", "samples", "library_s", "reference_s", "ratio"],
+    )
+    mem_cols = [
+        "images",
+        "samples",
+        "library_peak_rss_mb",
+        "reference_peak_rss_mb",
+        "library_eval_rss_increase_mb",
+        "reference_eval_rss_increase_mb",
+        "library_s",
+    ]
+    _print_table("peak resident memory against K", out["memory_vs_k"], mem_cols)
+    _print_table(
+        "peak resident memory against the number of images", out["memory_vs_images"], mem_cols
+    )
+
+
+PARTS = {"train": run_train, "eval": run_eval, "scaling": run_scaling}
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def _conditions(args, size, start: bool) -> dict:
+    load = os.getloadavg()
+    if not start:
+        return {"load_average_end": load, "finished": _now()}
+    return {
+        "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+        "started": _now(),
+        "load_average_start": load,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "network": {"latent_dims": size["latent"], "hidden_dims": size["hidden"]},
+        "dataset": size["dataset"],
+        "sizes": size,
+        "timing": "median over repeats, library and reference interleaved in one process",
+    }
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def _targets(results) -> list:
+    """Each target with the measured value and whether it is met."""
+    checks = []
+    for row in results.get("train", []):
+        if row.get("target") is not None:
+            checks.append(
+                (f"{row['estimator']} step (K={row['particles']})", row["ratio"], row["target"])
+            )
+    ev = results.get("eval")
+    if ev:
+        checks.append((f"eval K={ev['samples']} time", ev["ratio"], ev["target"]))
+        checks.append(("eval peak RSS (MB)", ev["library_peak_rss_mb"], MEMORY_TARGET_MB))
+    scaling = results.get("scaling", {})
+    for key in ("memory_vs_k", "memory_vs_images"):
+        for row in scaling.get(key, []):
+            label = f"eval peak RSS (MB), {row['images']} images, K={row['samples']}"
+            checks.append((label, row["library_peak_rss_mb"], MEMORY_TARGET_MB))
+    return [{"what": w, "value": v, "limit": lim, "met": v <= lim} for w, v, lim in checks]
+
+
+def _print_targets(targets):
+    if targets:
+        _print_table(
+            "targets (library / reference ratio, or MB)", targets, ["what", "value", "limit", "met"]
+        )
+
+
+def _print_table(title, rows, cols):
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+        return "-" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print(f"\n{title}")
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The benchmark compares like with like: the plain-PyTorch reference computes the library's
+function (same weights, same draws, same losses and gradients), and the runner runs."""
+
+import json
+import math
+
+import pyro
+import pytest
+import torch
+from pyro.infer import SVI
+
+from benchmarks import run
+from benchmarks.reference import ReferenceLadder
+from pyro_ladder import LadderVAE, evaluate, make_elbo
+
+
+def _pair(dtype=torch.float64, **kwargs):
+    torch.manual_seed(2)
+    sizes = dict(x_dim=12, latent_dims=(5, 4, 3), hidden_dims=(16, 10, 8))
+    vae = LadderVAE(**{**sizes, **kwargs}).to(dtype)
+    return vae, ReferenceLadder.from_library(vae)
+
+
+def _x(n=9, d=12, dtype=torch.float64):
+    torch.manual_seed(3)
+    return (torch.rand(n, d) < 0.4).to(dtype)
+
+
+def _library(vae, x, name, k):
+    vae.zero_grad(set_to_none=True)
+    pyro.set_rng_seed(7)
+    loss = make_elbo(name, k, max_plate_nesting=1).loss_and_grads(vae.model, vae.guide, x)
+    return loss, {n: p.grad for n, p in vae.named_parameters()}
+
+
+def _reference(ref, x, name, k):
+    ref.zero_grad(set_to_none=True)
+    pyro.set_rng_seed(7)
+    if name == "iwae-dreg":
+        loss = ref.dreg_backward(x, k)
+    else:
+        value = ref.elbo_loss(x) if name == "elbo" else ref.iwae_loss(x, k)
+        value.backward()
+        loss = value.item()
+    return loss, {n: p.grad for n, p in ref.named_parameters()}
+
+
+@pytest.mark.parametrize("name, k", [("elbo", 1), ("iwae", 5), ("iwae-dreg", 5)])
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_reference_has_the_library_loss_and_gradients(name, k, batch_norm):
+    vae, ref = _pair(batch_norm=batch_norm)
+    x = _x()
+    loss, grads = _library(vae, x, name, k)
+    ref_loss, ref_grads = _reference(ref, x, name, k)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[key], rtol=1e-9, atol=1e-11, msg=key)
+
+
+def test_dreg_differs_from_iwae_for_the_inference_network_only():
+    """The reference's DReG is not IWAE in disguise: same generative gradient, other
+    inference gradient (so the equality above tests the DReG path itself). Without batch
+    norm, which would zero the gradient of the biases in front of it."""
+    vae, ref = _pair(batch_norm=False)
+    x = _x()
+    _, iwae = _reference(ref, x, "iwae", 5)
+    _, dreg = _reference(ref, x, "iwae-dreg", 5)
+    for key in iwae:
+        same = torch.allclose(iwae[key], dreg[key], rtol=1e-9, atol=1e-12)
+        assert same == key.startswith("generative."), key
+
+
+def test_reference_training_step_keeps_the_library_weights_in_step():
+    """Three SVI steps with pyro.optim.Adam against three torch Adam steps: same weights."""
+    vae, ref = _pair(batch_norm=True)
+    x = _x()
+    elbo = make_elbo("iwae", 3, max_plate_nesting=1)
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    for step in range(3):
+        pyro.set_rng_seed(step)
+        loss = svi.step(x)
+        pyro.set_rng_seed(step)
+        ref_loss = ref.train_step(opt, x, "iwae", 3)
+        assert loss == pytest.approx(ref_loss, rel=1e-10)
+    # batch-norm statistics included (a second update per step would move them by ~1e-2);
+    # the biases in front of batch norm have a gradient of pure rounding noise, which Adam
+    # scales up to ~1e-9 differences, hence the tolerance
+    for key, value in vae.state_dict().items():
+        torch.testing.assert_close(value, ref.state_dict()[key], rtol=1e-7, atol=1e-7, msg=key)
+
+
+def test_reference_log_likelihood_equals_evaluate_on_the_same_draws():
+    vae, ref = _pair(batch_norm=True)
+    x = _x(n=6)
+    pyro.set_rng_seed(11)
+    lib = evaluate(vae.model, vae.guide, x, num_samples=40, batch_size=6, max_rows=60)
+    pyro.set_rng_seed(11)
+    ref.eval()
+    with torch.no_grad():  # evaluate first traces guide and model once to count plates
+        ref.log_joint(x)
+    ours = ref.log_likelihood(x, 40, batch_size=6, max_rows=60)  # chunks of 10 draws alike
+    torch.testing.assert_close(lib["log_likelihood"], ours, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(ours).all() and (ours < 0).all()
+
+
+def test_reference_refuses_what_it_does_not_implement():
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="top-down Bernoulli"):
+        ReferenceLadder.from_library(LadderVAE(6, (2,), (4,), inference="bottom-up"))
+
+
+def test_runner_tiny_writes_every_part(tmp_path):
+    out = tmp_path / "bench.json"
+    results = run.main(["--tiny", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["conditions"]["threads"] == 1 and len(saved["conditions"]["load_average_end"]) == 3
+    assert [r["estimator"] for r in saved["train"]] == ["elbo", "iwae", "iwae-dreg", "jit-elbo"]
+    timings = [r[c] for r in saved["train"] for c in ("library_ms", "reference_ms", "ratio")]
+    assert all(math.isfinite(t) and t > 0 for t in timings)
+    ev = saved["eval"]
+    assert ev["library_peak_rss_mb"] > 0 and ev["library_images_per_s"] > 0
+    scaling = saved["scaling"]
+    assert [r["particles"] for r in scaling["step_vs_k"]] == [1, 2, 1, 2]
+    assert [r["depth"] for r in scaling["step_vs_depth"]] == [1, 2]
+    assert scaling["memory_vs_images"][0]["library_peak_rss_mb"] > 0
+    assert {t["what"] for t in results["targets"]} >= {"elbo step (K=1)", "eval K=20 time"}
+
+
+def test_runner_rejects_unknown_parts():
+    with pytest.raises(SystemExit):
+        run.parse_args(["--only", "train,warp"])
