@@ -101,6 +101,7 @@ def active_units(
 
     ``E_q[z_l | x]`` is the mean of the site's guide distribution averaged over
     ``num_samples`` draws of the sites sampled before it (exact for the first site).
+    Discrete sites (a categorical layer) have no units and are left out.
 
     :returns: ``{site: {"variance": (k,), "active": int, "units": k}}``.
     """
@@ -109,6 +110,8 @@ def active_units(
         for start in range(0, len(data), batch_size):
             x = data[start : start + batch_size]
             for name, site in _guide_sites(guide, (x, *args), kwargs, num_samples):
+                if site["fn"].support.is_discrete:
+                    continue
                 loc = site["fn"].mean.expand(site["value"].shape)  # (S, B, k)
                 means[name].append(loc.mean(0))  # (B, k)
     out = {}

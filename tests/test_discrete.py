@@ -210,3 +210,17 @@ def test_the_discrete_toy_pair_trains(name, baseline, toy):
         svi.step(toy.train_inputs[(step % 6) * 100 : (step % 6 + 1) * 100])
     after = evaluate(pair.model, pair.guide, toy.test_inputs, num_samples=10)["elbo"].mean()
     assert after > before + 0.5, (before, after)
+
+
+def test_unit_diagnostics_leave_out_or_refuse_a_discrete_layer(toy):
+    from pyro_ladder import active_units, mutual_information
+    from pyro_ladder.diagnostics import kl_per_unit
+
+    pair = DiscreteToyPair(categories=5, hidden=16)
+    result = active_units(pair.model, pair.guide, toy.test_inputs, num_samples=4)
+    assert set(result) == {"z2"} and result["z2"]["units"] == 2
+    assert torch.isfinite(result["z2"]["variance"]).all()
+    with pytest.raises(ConfigError, match="'z1'"):
+        kl_per_unit(pair.model, pair.guide, toy.test_inputs)
+    with pytest.raises(ConfigError, match="'z1'"):
+        mutual_information(pair.guide, toy.test_inputs[:50])
