@@ -223,7 +223,7 @@ class ReferenceLadder(nn.Module):
         optimizer.step()
         return loss
 
-    def log_likelihood(self, data, num_samples, batch_size=100, max_rows=2**15):
+    def log_likelihood(self, data, num_samples, batch_size=100, max_rows=2**12):
         """``log (1/K) sum_k w_k`` per row of ``data (N, x_dim)``: ``(N,)``, in eval mode."""
         was_training = self.training
         self.eval()

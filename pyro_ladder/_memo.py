@@ -14,11 +14,12 @@ rests on it. What "nothing changed" means:
   and JIT tracing state are those of the first request (a trace must never take a tensor
   computed outside it).
 
-An entry is used at most once and then dropped, each key holds one entry, and an entry
+An entry that carries an autograd graph is used at most once and then dropped, and it
 expires as soon as a backward pass reaches its result (whose graph may then be freed), so
-the memo never hands out a spent graph and keeps at most the last request per key alive.
-With batch norm in training mode the reuse also means the running statistics are updated
-once per pass, not twice.
+the memo never hands out a spent graph; an entry without one (inference, ``no_grad``)
+serves every identical request. Each key holds one entry: the memo keeps at most the last
+request per key alive. With batch norm in training mode the reuse also means the running
+statistics are updated once per pass, not twice.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from torch import nn
 
 
 class Memo:
-    """Single-use results of ``module(input)``, one per key (e.g. a layer index)."""
+    """Results of ``module(input)`` kept for an identical request, one per key (e.g. a layer
+    index)."""
 
     def __init__(self):
         self._entries = {}
@@ -38,10 +40,12 @@ class Memo:
     def call(self, key, module: nn.Module, inp: torch.Tensor, fn):
         """``fn(inp)``, or the stored result of an identical earlier request under ``key``.
 
-        A hit consumes the entry; a miss computes ``fn(inp)`` and stores it under ``key``.
+        A hit consumes an entry with a graph; a miss computes ``fn(inp)`` and stores it.
         """
         entry = self._entries.pop(key, None)
         if entry is not None and entry[0] is inp and entry[1] == _state(module, inp):
+            if not any(t.grad_fn is not None for t in _leaves(entry[2])):
+                self._entries[key] = entry  # no graph to spend: serve later requests too
             return entry[2]
         result = fn(inp)
         token = object()
@@ -84,10 +88,14 @@ def _leaves(value):
 
 def _state(module: nn.Module, inp: torch.Tensor) -> tuple:
     """Everything a module's output at ``inp`` depends on besides the input's identity."""
-    tensors = [*module.parameters(), *module.buffers()]
+    modes, tensors = [], []
+    for m in module.modules():  # one walk: this runs twice per request
+        modes.append(m.training)
+        tensors.extend(t for t in m._parameters.values() if t is not None)
+        tensors.extend(t for t in m._buffers.values() if t is not None)
     return (
         None if inp.is_inference() else inp._version,
-        tuple(m.training for m in module.modules()),
+        tuple(modes),
         torch.is_grad_enabled(),
         torch.is_inference_mode_enabled(),
         torch._C._get_tracing_state(),  # a JIT trace must not take tensors from outside it

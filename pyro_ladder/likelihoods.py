@@ -29,9 +29,11 @@ class BernoulliLikelihood(nn.Module):
         self.mlp = MLP(z_dim, hidden_dim, batch_norm, slope)
         self.logits = nn.Linear(hidden_dim, x_dim)
 
-    def forward(self, z1: torch.Tensor) -> dist.Distribution:
+    def forward(self, z1: torch.Tensor, validate_args: bool | None = None) -> dist.Distribution:
+        """``validate_args=False`` skips Pyro's checks of the logits and of the observed
+        values, for callers that checked the data with :meth:`check` already."""
         logits = self.logits(self.mlp(z1))  # (..., x_dim)
-        return dist.Bernoulli(logits=logits).to_event(1)
+        return dist.Bernoulli(logits=logits, validate_args=validate_args).to_event(1)
 
     @staticmethod
     def mean(d: dist.Distribution) -> torch.Tensor:
@@ -40,9 +42,9 @@ class BernoulliLikelihood(nn.Module):
 
     @staticmethod
     def check(x: torch.Tensor) -> None:
-        """Raise :class:`DataError` unless every value is 0 or 1."""
-        _check_finite(x)
+        """Raise :class:`DataError` unless every value is 0 or 1 (one pass over binary data)."""
         if not ((x == 0) | (x == 1)).all():
+            _check_finite(x)  # NaN and infinity get their own message
             raise DataError(
                 "the Bernoulli likelihood needs binary data (0/1) but got other values: "
                 "binarize grey images (fit(..., binarize=True), the CLI does it for grey data "
@@ -61,9 +63,10 @@ class GaussianLikelihood(nn.Module):
         super().__init__()
         self.net = GaussianBlock(z_dim, hidden_dim, x_dim, batch_norm, slope, var_floor)
 
-    def forward(self, z1: torch.Tensor) -> dist.Distribution:
+    def forward(self, z1: torch.Tensor, validate_args: bool | None = None) -> dist.Distribution:
+        """``validate_args`` as in :meth:`BernoulliLikelihood.forward`."""
         loc, scale = self.net(z1)  # (..., x_dim) each
-        return dist.Normal(loc, scale).to_event(1)
+        return dist.Normal(loc, scale, validate_args=validate_args).to_event(1)
 
     @staticmethod
     def mean(d: dist.Distribution) -> torch.Tensor:

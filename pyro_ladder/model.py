@@ -55,10 +55,15 @@ class Generative(nn.Module):
         return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 
     def model(self, x: torch.Tensor) -> None:
-        """Score ``x (B, x_dim)``; samples ``z{L}`` .. ``z1`` top-down inside ``plate("data")``."""
+        """Score ``x (B, x_dim)``; samples ``z{L}`` .. ``z1`` top-down inside ``plate("data")``.
+
+        ``x`` must have passed :meth:`LadderVAE.check_data` (``LadderVAE.model`` checks it):
+        the likelihood skips Pyro's validation, which would check the same values again.
+        """
         with pyro.plate("data", x.shape[0], dim=-1):
             z = pyro.sample(f"z{self.depth}", self.top_prior(x))  # (..., B, k_L)
             for i in range(self.depth - 1, 0, -1):
                 loc, scale = self.prior(i, z)
                 z = pyro.sample(f"z{i}", dist.Normal(loc, scale).to_event(1))  # (..., B, k_i)
-            pyro.sample("x", self.likelihood(z), obs=x)
+            # x passed LadderVAE.check_data: Pyro need not validate it (or the logits) again
+            pyro.sample("x", self.likelihood(z, validate_args=False), obs=x)
