@@ -17,12 +17,12 @@ import torch
 
 from . import __version__
 from ._util import atomic_write, eval_mode
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_training_checkpoint, save_checkpoint
 from .config import INFERENCES, LIKELIHOODS, PRESETS, preset
 from .data import DATASETS, binarize, load_dataset
 from .diagnostics import active_units, kl_per_unit, mutual_information
 from .elbo import ESTIMATORS, describe_estimators
-from .errors import ConfigError, PyroLadderError
+from .errors import ConfigError, PyroLadderError, TrainingError
 from .evaluate import evaluate
 from .plots import (
     image_grid,
@@ -31,7 +31,7 @@ from .plots import (
     save_figure,
     training_curves,
 )
-from .train import fit
+from .train import check_fit_options, fit
 from .vae import LadderVAE
 
 RUN_FILES = ("checkpoint.pt", "metrics.json", "history.csv")
@@ -52,8 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line, without the long usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyro-ladder",
         description="Ladder VAEs in Pyro. Log-likelihoods are log p(x) in nats per example "
         "(negative numbers; higher is better).",
@@ -139,8 +146,54 @@ def _add_train(sub):
         default=None,
         help="also log losses and per-layer KL for TensorBoard into this folder",
     )
+    p.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=None,
+        help="also save the run every N steps within an epoch (it is saved after every epoch)",
+    )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="OUTDIR",
+        help="continue the run in OUTDIR from its checkpoint, with its own options (add "
+        "--epochs to train longer); the result equals an uninterrupted run's",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_distributed(p)
     p.set_defaults(func=cmd_train)
+
+
+def _add_distributed(p):
+    g = p.add_argument_group(
+        "several processes, GPUs or machines (PyTorch Lightning: pip install "
+        "'pyro_ladder[distributed]'; any of these options trains through Lightning)"
+    )
+    g.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=1,
+        help="processes per machine, one per GPU or CPU process (default 1)",
+    )
+    g.add_argument(
+        "--num-nodes",
+        type=_positive_int,
+        default=1,
+        help="machines; set MASTER_ADDR, MASTER_PORT and NODE_RANK on each (default 1)",
+    )
+    g.add_argument(
+        "--strategy",
+        choices=("ddp", "ddp_find_unused_parameters_true"),
+        default=None,
+        help="data parallelism (default: ddp with more than one process)",
+    )
+    g.add_argument("--accelerator", choices=("cpu", "gpu", "auto"), default=None)
+    g.add_argument(
+        "--sync-batchnorm",
+        action="store_true",
+        help="batch-norm statistics over all processes' batches (GPUs only)",
+    )
 
 
 def _add_evaluate(sub):
@@ -196,7 +249,175 @@ def _add_data_dir(p):
 
 
 def cmd_train(args) -> int:
+    if _distributed(args):
+        return _train_distributed(args)
+    if args.resume is not None:
+        return _resume(args)
+    data = load_dataset(args.dataset, args.data_dir)
+    args.likelihood = args.likelihood or ("gaussian" if data.kind == "continuous" else "bernoulli")
+    args.epochs = args.epochs or (200 if args.dataset == "digits" else 10)
+    if args.warmup_epochs is None:
+        args.warmup_epochs = args.epochs // 10
+    pyro.set_rng_seed(args.seed)
+    vae = LadderVAE.from_config(_config(args, data.x_dim, args.likelihood))
+    test = _checked_test_set(args, vae, data)  # every check before anything is written
     out = _prepare_out(args)
+    meta = {
+        "dataset": args.dataset,
+        "likelihood": args.likelihood,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "elbo": args.elbo,
+        "particles": args.particles,
+        "options": {k: getattr(args, k) for k in RESUMABLE},
+    }
+    return _train_and_finish(args, vae, data, test, meta, out, None)
+
+
+RESUMABLE = (
+    "dataset", "preset", "latent_dims", "hidden_dims", "inference", "likelihood", "elbo",
+    "particles", "epochs", "batch_size", "lr", "warmup_epochs", "batch_norm", "eval_samples",
+    "eval_limit", "seed", "checkpoint_every",
+)  # fmt: skip
+"""The options of ``train`` stored in a run's checkpoint; ``--resume`` takes them from it."""
+
+
+def _resume(args) -> int:
+    """Continue the run in ``args.resume`` from its checkpoint with its own options."""
+    out = args.resume
+    vae, meta, training = load_training_checkpoint(out / "checkpoint.pt")
+    stored = meta.get("options")
+    if not isinstance(stored, dict) or set(stored) != set(RESUMABLE):
+        raise ConfigError(f"{out}/checkpoint.pt does not record the options of its run")
+    defaults = build_parser().parse_args(["train"])
+    for key, value in stored.items():
+        given = getattr(args, key)
+        if key != "epochs" and given != getattr(defaults, key) and given != _plain(value):
+            raise ConfigError(
+                f"--resume continues the run with its own options, but --{key.replace('_', '-')}"
+                f" {given} differs from the run's {value}: drop the option (only --epochs may "
+                "change, to train longer)"
+            )
+        if key != "epochs" or given is None:
+            setattr(args, key, _plain(value))
+    done = training["position"]["epoch"]
+    if done >= args.epochs and (out / "metrics.json").exists():
+        raise ConfigError(
+            f"the run in {out} has finished its {done} epochs: pass --epochs with a larger "
+            "number to train it further"
+        )
+    meta = {**meta, "epochs": args.epochs, "options": {k: getattr(args, k) for k in RESUMABLE}}
+    args.out = out
+    data = load_dataset(args.dataset, args.data_dir)
+    test = _checked_test_set(args, vae, data)
+    print(f"resuming {out} at epoch {done + 1}, step {training['position']['step'] + 1}")
+    return _train_and_finish(args, vae, data, test, meta, out, training)
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _checked_test_set(args, vae, data) -> torch.Tensor:
+    """The test rows, after checking them and the training options against model and data."""
+    dynamic = data.kind == "grey" and args.likelihood == "bernoulli"
+    test = _test_set(data, dynamic, args.eval_limit)
+    vae.check_data(test)
+    check_fit_options(
+        data.train, args.epochs, args.batch_size, args.lr, args.warmup_epochs, args.checkpoint_every
+    )
+    return test
+
+
+def _train_and_finish(args, vae, data, test, meta, out, resume) -> int:
+    """Train (saving the run as it goes), then evaluate and write every output."""
+    dynamic = data.kind == "grey" and args.likelihood == "bernoulli"
+    print(
+        f"training a {vae.depth}-layer {args.inference} model on {args.dataset} "
+        f"({len(data.train)} images) for {args.epochs} epochs -> {out}"
+    )
+    saver = _Saver(out / "checkpoint.pt", vae, meta)
+    try:
+        history = fit(
+            vae.model,
+            vae.guide,
+            data.train,
+            elbo=args.elbo,
+            num_particles=args.particles,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup_epochs=args.warmup_epochs,
+            seed=args.seed,
+            binarize=dynamic,
+            monitor=test[:500],
+            progress=args.progress,
+            tensorboard=args.tensorboard,
+            checkpoint=saver,
+            checkpoint_every=args.checkpoint_every,
+            resume=resume,
+        )
+    except TrainingError as err:
+        raise TrainingError(f"{err}. {saver.where()}") from None
+    print(
+        f"estimating log p(x) on {len(test)} test images with K={args.eval_samples} "
+        "importance samples (--eval-samples and --eval-limit trade accuracy for time)"
+    )
+    result = _evaluate(vae, test, args.eval_samples, args.progress)
+    train_seconds = history[-1]["seconds"]
+    metrics = _metrics(args, vae, result, args.epochs, args.warmup_epochs, train_seconds, len(test))
+    _write_history(out / "history.csv", history)
+    _write_pictures(out, vae, test, data.image_shape, history)
+    _write_json(out / "metrics.json", metrics)
+    _print_result(metrics, out)
+    return 0
+
+
+class _Saver:
+    """``fit``'s checkpoint callback: writes the run's checkpoint, remembers where it was."""
+
+    def __init__(self, path: Path, vae, meta: dict):
+        self.path, self.vae, self.meta, self.position = path, vae, meta, None
+
+    def __call__(self, training: dict) -> None:
+        save_checkpoint(self.path, self.vae, self.meta, training=training)
+        self.position = training["position"]
+
+    def where(self) -> str:
+        if self.position is None:
+            return "No checkpoint was written"
+        epoch, step = self.position["epoch"], self.position["step"]
+        at = f"after {epoch} epochs" + (f" and {step} steps" if step else "")
+        return (
+            f"The last good checkpoint ({at}) is kept in {self.path}; start a new run with "
+            "other options, as resuming replays the same steps"
+        )
+
+
+def _distributed(args) -> bool:
+    """Whether an option asks for PyTorch Lightning (several processes, a GPU)."""
+    return (
+        args.devices > 1
+        or args.num_nodes > 1
+        or args.strategy is not None
+        or args.accelerator is not None
+        or args.sync_batchnorm
+    )
+
+
+def _train_distributed(args) -> int:
+    """``train`` through PyTorch Lightning on ``--devices`` x ``--num-nodes`` processes.
+
+    Lightning's ddp starts the other processes of a machine by running the same command
+    again, so every process runs this: each loads the data and builds the same model (DDP
+    then copies rank 0's weights to all); global rank 0 alone writes the run folder.
+    """
+    from .distributed import fit_distributed, make_trainer  # needs lightning: ConfigError
+
+    for name in ("lightning.pytorch", "lightning.fabric"):  # their INFO lines are chatter
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if getattr(args, "resume", None) is not None or getattr(args, "checkpoint_every", None):
+        raise ConfigError("--resume and --checkpoint-every run in one process: drop them")
     data = load_dataset(args.dataset, args.data_dir)
     likelihood = args.likelihood or ("gaussian" if data.kind == "continuous" else "bernoulli")
     epochs = args.epochs or (200 if args.dataset == "digits" else 10)
@@ -206,46 +427,49 @@ def cmd_train(args) -> int:
     dynamic = data.kind == "grey" and likelihood == "bernoulli"
     test = _test_set(data, dynamic, args.eval_limit)
     vae.check_data(test)
-    print(
-        f"training a {vae.depth}-layer {args.inference} model on {args.dataset} "
-        f"({len(data.train)} images) for {epochs} epochs -> {out}"
-    )
-    start = time.perf_counter()
-    history = fit(
-        vae.model,
-        vae.guide,
-        data.train,
-        elbo=args.elbo,
-        num_particles=args.particles,
+    trainer = make_trainer(
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy or ("ddp" if args.devices * args.num_nodes > 1 else "auto"),
+        accelerator=args.accelerator or "auto",
+        sync_batchnorm=args.sync_batchnorm,
         epochs=epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_epochs=warmup,
-        seed=args.seed,
-        binarize=dynamic,
-        monitor=test[:500],
         progress=args.progress,
         tensorboard=args.tensorboard,
     )
-    train_seconds = time.perf_counter() - start
+    if trainer.is_global_zero:
+        print(
+            f"training a {vae.depth}-layer {args.inference} model on {args.dataset} for {epochs} "
+            f"epochs on {trainer.world_size} processes, {args.batch_size} images each per step "
+            f"-> {_prepare_out(args)}"
+        )
+    history = fit_distributed(
+        vae.model, vae.guide, data.train, trainer=trainer, elbo=args.elbo,
+        num_particles=args.particles, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
+        warmup_epochs=warmup, seed=args.seed, binarize=dynamic, monitor=test[:500],
+    )  # fmt: skip
+    if not trainer.is_global_zero:
+        return 0
+    meta = {"dataset": args.dataset, "likelihood": likelihood, "epochs": epochs}
+    meta.update(seed=args.seed, elbo=args.elbo, particles=args.particles)
+    meta["processes"] = trainer.world_size
+    return _finish_distributed(args, vae.cpu(), data, test, history, meta, warmup)
+
+
+def _finish_distributed(args, vae, data, test, history, meta, warmup) -> int:
+    """Rank 0, after Lightning: one checkpoint, the evaluation and the run's files."""
+    out = args.out
+    save_checkpoint(out / "checkpoint.pt", vae, meta)
     print(
         f"estimating log p(x) on {len(test)} test images with K={args.eval_samples} "
         "importance samples (--eval-samples and --eval-limit trade accuracy for time)"
     )
     result = _evaluate(vae, test, args.eval_samples, args.progress)
-    meta = {
-        "dataset": args.dataset,
-        "likelihood": likelihood,
-        "epochs": epochs,
-        "seed": args.seed,
-        "elbo": args.elbo,
-        "particles": args.particles,
-    }
-    save_checkpoint(out / "checkpoint.pt", vae, meta)
-    metrics = _metrics(args, vae, result, epochs, warmup, train_seconds, len(test))
-    _write_json(out / "metrics.json", metrics)
+    train_seconds = history[-1]["seconds"]
+    metrics = _metrics(args, vae, result, meta["epochs"], warmup, train_seconds, len(test))
     _write_history(out / "history.csv", history)
     _write_pictures(out, vae, test, data.image_shape, history)
+    _write_json(out / "metrics.json", metrics)
     _print_result(metrics, out)
     return 0
 
@@ -459,8 +683,8 @@ def _prepare_out(args) -> Path:
     held = [name for name in RUN_FILES if (out / name).exists()]
     if held and not args.overwrite:
         raise ConfigError(
-            f"--out {out} already holds a run ({', '.join(held)}): choose another folder "
-            "or pass --overwrite"
+            f"--out {out} already holds a run ({', '.join(held)}): continue it with "
+            f"--resume {out}, choose another folder, or pass --overwrite to replace it"
         )
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,7 @@ def fit(
     :raises TrainingError: when the loss becomes NaN or infinite (the message names the step;
         ``checkpoint`` is not called again, so the last good state stays on disk).
     """
-    _check_fit_options(data, epochs, batch_size, lr, warmup_epochs, checkpoint_every)
+    check_fit_options(data, epochs, batch_size, lr, warmup_epochs, checkpoint_every)
     options = {
         "elbo": elbo if isinstance(elbo, str) else type(elbo).__name__,
         "num_particles": num_particles,
@@ -292,7 +292,8 @@ def _monitor(svi, data, args, kwargs, warmed) -> dict:
     return record
 
 
-def _check_fit_options(data, epochs, batch_size, lr, warmup_epochs, checkpoint_every):
+def check_fit_options(data, epochs, batch_size, lr, warmup_epochs, checkpoint_every=None):
+    """Raise :class:`ConfigError` unless the options of :func:`fit` suit ``data``."""
     if len(data) == 0:
         raise ConfigError("the training data are empty: pass at least one row")
     for name, v in [("epochs", epochs), ("batch_size", batch_size)]:
