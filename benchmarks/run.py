@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/run.py` puts only benchmarks
 from benchmarks.reference import ReferenceLadder  # noqa: E402
 from pyro_ladder import LadderVAE, log_likelihood, make_elbo, preset  # noqa: E402
 from pyro_ladder.data import binarize, load_dataset  # noqa: E402
+from pyro_ladder.optim import Adam  # noqa: E402
 
 SECTIONS = ("train", "eval", "scaling")
 TARGETS = {"elbo": 1.10, "iwae": 1.15, "iwae-dreg": 1.15, "eval": 1.10}
@@ -198,13 +199,13 @@ class _Batches:
 # ---------------------------------------------------------------- 1. training step
 
 
-def _train_fns(vae, ref, estimator, k, x_of):
-    """Four timed functions: full steps and gradients alone, library and reference."""
+def _train_fns(vae, ref, estimator, k, x_of, detail):
+    """Timed functions: a library step (``SVI`` with ``pyro_ladder.optim.Adam``) and a
+    reference step; with ``detail`` also the library step with ``pyro.optim.Adam`` (what
+    ``fit`` uses by default) and the gradients alone, without the optimizer step."""
     lib_name = "elbo" if estimator == "jit-elbo" else estimator
-    elbo = make_elbo(estimator, k)
-    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), elbo)
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-3}), make_elbo(estimator, k))
     opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
-    grad_elbo = make_elbo(estimator, k)
     batch = {}
 
     def lib_step():
@@ -214,6 +215,12 @@ def _train_fns(vae, ref, estimator, k, x_of):
     def ref_step():
         ref.train_step(opt, batch["x"], lib_name, k)
 
+    fns = {"library": lib_step, "reference": ref_step}
+    if not detail:
+        return fns
+    pyro_svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), make_elbo(estimator, k))
+    grad_elbo = make_elbo(lib_name, k)  # the JIT compiles per instance: time jit-elbo's steps only
+
     def lib_grad():
         vae.zero_grad(set_to_none=True)
         grad_elbo.loss_and_grads(vae.model, vae.guide, batch["x"])
@@ -222,25 +229,23 @@ def _train_fns(vae, ref, estimator, k, x_of):
         ref.zero_grad(set_to_none=True)
         if lib_name == "iwae-dreg":
             ref.dreg_backward(batch["x"], k)
+        elif lib_name == "elbo":
+            ref.elbo_loss(batch["x"]).backward()
         else:
-            (
-                ref.elbo_loss(batch["x"]) if lib_name == "elbo" else ref.iwae_loss(batch["x"], k)
-            ).backward()
+            ref.iwae_loss(batch["x"], k).backward()
 
-    return {
-        "library": lib_step,
-        "reference": ref_step,
-        "library_grad": lib_grad,
-        "reference_grad": ref_grad,
-    }
+    fns["library_pyro_adam"] = lambda: pyro_svi.step(batch["x"])
+    if estimator != "jit-elbo":
+        fns.update(library_grad=lib_grad, reference_grad=ref_grad)
+    return fns
 
 
-def _train_row(data, size, args, estimator, k, latent, hidden, repeats):
+def _train_row(data, size, args, estimator, k, latent, hidden, repeats, detail=False):
     vae, ref = _pair(data["train"].shape[1], latent, hidden, args.seed)
-    fns = _train_fns(vae, ref, estimator, k, _Batches(data["train"], size["batch"]))
+    fns = _train_fns(vae, ref, estimator, k, _Batches(data["train"], size["batch"]), detail)
     with _quiet_jit():
         t = _interleaved(fns, repeats, warmup=3)
-    return {
+    row = {
         "estimator": estimator,
         "particles": k,
         "depth": len(latent),
@@ -248,12 +253,17 @@ def _train_row(data, size, args, estimator, k, latent, hidden, repeats):
         "library_ms": 1e3 * t["library"],
         "reference_ms": 1e3 * t["reference"],
         "ratio": t["library"] / t["reference"],
-        "library_grad_ms": 1e3 * t["library_grad"],
-        "reference_grad_ms": 1e3 * t["reference_grad"],
-        "grad_ratio": t["library_grad"] / t["reference_grad"],
         "library_ms_all": [1e3 * v for v in t["library_all"]],
         "reference_ms_all": [1e3 * v for v in t["reference_all"]],
     }
+    if "library_pyro_adam" in t:
+        row["library_pyro_adam_ms"] = 1e3 * t["library_pyro_adam"]
+        row["ratio_pyro_adam"] = t["library_pyro_adam"] / t["reference"]
+    if "library_grad" in t:
+        row["library_grad_ms"] = 1e3 * t["library_grad"]
+        row["reference_grad_ms"] = 1e3 * t["reference_grad"]
+        row["grad_ratio"] = t["library_grad"] / t["reference_grad"]
+    return row
 
 
 def run_train(data, size, args) -> list:
@@ -269,11 +279,13 @@ def run_train(data, size, args) -> list:
             size["latent"],
             size["hidden"],
             size["train_steps"],
+            detail=True,
         )
         row["target"] = TARGETS.get(estimator)
         rows.append(row)
     _print_table(
-        "training step (median ms; 'grad': the gradient without the optimizer step)",
+        "training step, median ms. library: SVI + pyro_ladder.optim.Adam; pyro_adam: SVI + "
+        "pyro.optim.Adam (fit's default); grad: the gradient alone, no optimizer step",
         rows,
         [
             "estimator",
@@ -281,6 +293,8 @@ def run_train(data, size, args) -> list:
             "library_ms",
             "reference_ms",
             "ratio",
+            "library_pyro_adam_ms",
+            "ratio_pyro_adam",
             "library_grad_ms",
             "reference_grad_ms",
             "grad_ratio",
@@ -517,9 +531,9 @@ def _targets(results) -> list:
     checks = []
     for row in results.get("train", []):
         if row.get("target") is not None:
-            checks.append(
-                (f"{row['estimator']} step (K={row['particles']})", row["ratio"], row["target"])
-            )
+            label = f"{row['estimator']} step (K={row['particles']})"
+            checks.append((label, row["ratio"], row["target"]))
+            checks.append((label + " with pyro.optim.Adam", row["ratio_pyro_adam"], row["target"]))
     ev = results.get("eval")
     if ev:
         checks.append((f"eval K={ev['samples']} time", ev["ratio"], ev["target"]))

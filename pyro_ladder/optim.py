@@ -1,0 +1,104 @@
+"""Adam for ``pyro.infer.SVI`` with one optimizer step per SVI step.
+
+``pyro.optim.Adam`` builds one ``torch.optim.Adam`` per parameter and calls each in a Python
+loop; on the paper's 5-layer network (118 parameter tensors) that loop costs about 10 ms
+per step on a 2-core CPU, some 10% of an ELBO step at batch 256 (``benchmarks/``).
+:class:`Adam` keeps the same per-parameter state and the same update, and steps every
+parameter in one ``torch.optim.Adam.step`` call.
+"""
+
+from __future__ import annotations
+
+import pyro
+import torch
+from pyro.optim import PyroOptim
+
+from .errors import ConfigError
+
+
+class Adam(PyroOptim):
+    """Drop-in for ``pyro.optim.Adam``: ``SVI(model, guide, Adam({"lr": 1e-3}), elbo)``.
+
+    The same arguments (a dict of ``torch.optim.Adam`` options, or a callable returning one
+    per parameter name), the same update, bit for bit, and the same ``get_state()`` /
+    ``set_state()`` format (a ``torch.optim.Adam`` state dict per parameter name), so a
+    checkpoint moves between the two. Parameters that share options share one
+    ``torch.optim.Adam``; each call steps exactly the parameters it is given. The options
+    come from the constructor: ``set_state`` restores each parameter's moments and step
+    count, not saved learning rates. Gradient clipping (``clip_args``) is not supported:
+    use ``pyro.optim.ClippedAdam``.
+    """
+
+    def __init__(self, optim_args, clip_args=None):
+        if clip_args:
+            raise ConfigError(
+                "pyro_ladder.optim.Adam does not clip gradients: use pyro.optim.ClippedAdam"
+            )
+        super().__init__(torch.optim.Adam, optim_args)
+        self._by_options = {}  # frozen options -> torch.optim.Adam
+        self._owner = {}  # parameter -> its torch.optim.Adam
+
+    def __call__(self, params, *args, **kwargs) -> None:
+        """One Adam step for every parameter in ``params`` (new ones join an optimizer)."""
+        present = {}
+        for p in params:
+            opt = self._owner.get(p) or self._adopt(p)
+            present.setdefault(opt, set()).add(p)
+        for opt, group in present.items():
+            _step_only(opt, group, *args, **kwargs)
+
+    def _adopt(self, param) -> torch.optim.Adam:
+        options = self._get_optim_args(param)
+        key = tuple(sorted((k, _freeze(v)) for k, v in options.items()))
+        opt = self._by_options.get(key)
+        if opt is None:
+            opt = self._by_options[key] = torch.optim.Adam([param], **options)
+        else:
+            opt.param_groups[0]["params"].append(param)
+        self._owner[param] = opt
+        name = pyro.get_param_store().param_name(param)
+        saved = self._state_waiting_to_be_consumed.pop(name, None)
+        if saved is not None and saved.get("state"):
+            opt.state[param] = _cast_state(saved["state"][0], param)
+        return opt
+
+    def get_state(self) -> dict:
+        """``{parameter name: torch.optim.Adam state dict of that parameter alone}``."""
+        store = pyro.get_param_store()
+        out = {}
+        for param, opt in self._owner.items():
+            group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+            state = {0: opt.state[param]} if param in opt.state else {}
+            out[store.param_name(param)] = {
+                "state": state,
+                "param_groups": [{**group, "params": [0]}],
+            }
+        return out
+
+
+def _step_only(opt, params, *args, **kwargs) -> None:
+    """``opt.step()`` for ``params`` only: others it holds keep their gradient, unused."""
+    held = [p for p in opt.param_groups[0]["params"] if p not in params and p.grad is not None]
+    grads = [p.grad for p in held]
+    for p in held:
+        p.grad = None
+    try:
+        opt.step(*args, **kwargs)
+    finally:
+        for p, g in zip(held, grads, strict=True):
+            p.grad = g
+
+
+def _cast_state(state: dict, param) -> dict:
+    """A saved per-parameter state on ``param``'s device and dtype (the step count kept),
+    as ``torch.optim.Optimizer.load_state_dict`` does."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and key != "step" and value.is_floating_point():
+            value = value.to(device=param.device, dtype=param.dtype)
+        out[key] = value.clone() if isinstance(value, torch.Tensor) else value
+    return out
+
+
+def _freeze(value):
+    return tuple(value) if isinstance(value, list) else value
