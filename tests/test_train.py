@@ -83,3 +83,17 @@ def test_tensorboard_logging_writes_every_epoch(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"loss", "kl_weight", "monitor_elbo", "kl_z1", "kl_z2"} <= tags
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("inference", ["top-down", "bottom-up"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_an_aggressive_learning_rate_gives_large_losses_not_nan(inference, likelihood):
+    from pyro_ladder.data import load_dataset
+
+    x = load_dataset("digits").train[:400]
+    if likelihood == "bernoulli":
+        x = x.round()
+    torch.manual_seed(0)
+    vae = LadderVAE(64, (8, 4), (32, 16), inference=inference, likelihood=likelihood)
+    history = fit(vae.model, vae.guide, x, epochs=3, batch_size=50, lr=1.0, progress=False)
+    assert all(math.isfinite(r["loss"]) for r in history)
