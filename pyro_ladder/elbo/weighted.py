@@ -113,13 +113,20 @@ class WeightedELBO(ELBO):
             draws = self._draw(model, guide, args, kwargs, track=False)
             return -self.objective(draws.log_w).sum().item()
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """The loss as a 0-dim tensor: its value is :meth:`loss`'s on these draws, its
+        gradient the one :meth:`loss_and_grads` accumulates. For training loops that call
+        ``backward`` themselves (PyTorch Lightning, ``DistributedDataParallel``)."""
         draws = self._draw(model, guide, args, kwargs, track=True)
         log_w = draws.log_w.detach()  # (S, B)
         surrogate = self._surrogate(draws, *self.coefficients(log_w))
-        if surrogate.requires_grad:
-            (-surrogate).backward()
-        return -self.objective(log_w).sum().item()
+        return _value_with_gradient(-self.objective(log_w).sum(), -surrogate)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward()
+        return loss.item()
 
     @staticmethod
     def _surrogate(draws: _Draws, c_p, c_q, c_path) -> torch.Tensor:
@@ -127,16 +134,27 @@ class WeightedELBO(ELBO):
         surrogate = (c_p * draws.log_p).sum() - (c_q * draws.log_q).sum()
         return surrogate + _path_term(draws, (c_path * draws.log_w).sum())
 
-    def _split_backward(self, draws, guide_coeffs, model_coeffs):
-        """Gradients from ``model_coeffs`` for the parameters the model registers and from
-        ``guide_coeffs`` for the guide's own; each group's estimate stays what it was."""
-        guide_only, _, _ = split_traced_parameters(draws.p_trace, draws.q_trace)
-        params = list(guide_only.values())
-        guide_surrogate = self._surrogate(draws, *guide_coeffs)
-        grads = torch.autograd.grad(-guide_surrogate, params, retain_graph=True, allow_unused=True)
-        (-self._surrogate(draws, *model_coeffs)).backward()
-        for param, grad in zip(params, grads, strict=True):
-            param.grad = torch.zeros_like(param) if grad is None else grad
+    def _split_surrogate(self, draws, guide_coeffs, model_coeffs) -> torch.Tensor:
+        """A negative surrogate whose gradient comes from ``model_coeffs`` for the parameters
+        the model registers and from ``guide_coeffs`` for the guide's own.
+
+        Each group's gradient ``g`` is taken by autograd first; the result is the linear form
+        ``sum_p <g_p, p>`` (``g`` held fixed), so a later ``backward`` gives every parameter
+        exactly its group's gradient.
+        """
+        guide_only, model_params, _ = split_traced_parameters(draws.p_trace, draws.q_trace)
+        groups = [(guide_only, guide_coeffs, True), (model_params, model_coeffs, False)]
+        total = draws.log_p.new_zeros(())
+        for params, coeffs, retain in groups:
+            tensors = list(params.values())
+            surrogate = -self._surrogate(draws, *coeffs)
+            if not tensors or not surrogate.requires_grad:
+                continue
+            grads = torch.autograd.grad(surrogate, tensors, retain_graph=retain, allow_unused=True)
+            for param, grad in zip(tensors, grads, strict=True):
+                if grad is not None:
+                    total = total + (grad * param).sum()
+        return total
 
     def _get_trace(self, model, guide, args, kwargs):
         """One ``(model_trace, guide_trace)`` pair, for Pyro's generic ELBO helpers."""
@@ -181,6 +199,11 @@ class WeightedELBO(ELBO):
         return _Draws(
             log_p.expand(shape), log_q.expand(shape), live, leaves, p_trace, q_trace, nesting
         )
+
+
+def _value_with_gradient(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """``value`` in the forward pass, ``surrogate``'s gradient in the backward pass."""
+    return value + (surrogate - surrogate.detach())
 
 
 def _path_term(draws: _Draws, scalar: torch.Tensor) -> torch.Tensor:
@@ -249,14 +272,14 @@ class IWAE_DReG(WeightedELBO):
         w_bar = log_w.softmax(0)  # (S, B) normalized weights
         return w_bar, torch.zeros_like(w_bar), w_bar.square()
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         if self.shared == "dreg":
-            return super().loss_and_grads(model, guide, *args, **kwargs)
+            return super().differentiable_loss(model, guide, *args, **kwargs)
         draws = self._draw(model, guide, args, kwargs, track=True)
         log_w = draws.log_w.detach()
         w_bar = log_w.softmax(0)
-        self._split_backward(draws, self.coefficients(log_w), (w_bar,) * 3)
-        return -_iwae(log_w).sum().item()
+        surrogate = self._split_surrogate(draws, self.coefficients(log_w), (w_bar,) * 3)
+        return _value_with_gradient(-_iwae(log_w).sum(), surrogate)
 
 
 class STL(WeightedELBO):
@@ -327,13 +350,13 @@ class PIWAE(MIWAE):
             log_w = self._draw(model, guide, args, kwargs, track=False).log_w
         return -_iwae(log_w).sum().item()
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         draws = self._draw(model, guide, args, kwargs, track=True)
         log_w = draws.log_w.detach()
         c_dec = log_w.softmax(0)  # dIWAE(MK)/dlog w
         c_enc = self._dF(log_w)  # dMIWAE(M, K)/dlog w
-        self._split_backward(draws, (c_enc,) * 3, (c_dec,) * 3)
-        return -_iwae(log_w).sum().item()
+        surrogate = self._split_surrogate(draws, (c_enc,) * 3, (c_dec,) * 3)
+        return _value_with_gradient(-_iwae(log_w).sum(), surrogate)
 
 
 class CondKLSemiGradient(WeightedELBO):
@@ -358,13 +381,12 @@ class CondKLSemiGradient(WeightedELBO):
             rec, kl = self._terms(self._draw(model, guide, args, kwargs, track=False))
         return -(rec - kl).mean(0).sum().item()
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         draws = self._draw(model, guide, args, kwargs, track=True)
         rec, kl = self._terms(draws)  # (S, B) each
         S = rec.shape[0]
         surrogate = (rec - kl).sum() / S + _path_term(draws, rec.sum() / S)
-        (-surrogate).backward()
-        return -(rec - kl).detach().mean(0).sum().item()
+        return _value_with_gradient(-(rec - kl).detach().mean(0).sum(), -surrogate)
 
     def _terms(self, draws: _Draws):
         """Reconstruction ``(S, B)`` (observed sites) and summed conditional KL ``(S, B)``."""
