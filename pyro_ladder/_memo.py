@@ -14,12 +14,16 @@ rests on it. What "nothing changed" means:
   and JIT tracing state are those of the first request (a trace must never take a tensor
   computed outside it).
 
-An entry that carries an autograd graph is used at most once and then dropped, and it
-expires as soon as a backward pass reaches its result (whose graph may then be freed), so
-the memo never hands out a spent graph; an entry without one (inference, ``no_grad``)
-serves every identical request. Each key holds one entry: the memo keeps at most the last
-request per key alive. With batch norm in training mode the reuse also means the running
-statistics are updated once per pass, not twice.
+An entry that carries an autograd graph hands that graph out once, and no longer once a
+backward pass has reached it (its buffers may be freed); an entry without one (inference,
+``no_grad``) serves every identical request. A request with a *different* tensor that
+views the same memory at the same version (``z.detach()`` of a stored ``z``) gets the
+stored values, detached, when no gradient could flow anyway (neither the input nor the
+module's parameters require one): the doubly reparameterized estimators score the
+guide's samples again at such copies, and for the guide's own parameters they freeze the
+model's, so the prior networks need not run a third time. Each key holds one entry: the
+memo keeps at most the last request per key alive. With batch norm in training mode the
+reuse also means the running statistics are updated once per pass, not twice.
 """
 
 from __future__ import annotations
@@ -38,33 +42,18 @@ class Memo:
         self._entries = {}
 
     def call(self, key, module: nn.Module, inp: torch.Tensor, fn):
-        """``fn(inp)``, or the stored result of an identical earlier request under ``key``.
-
-        A hit consumes an entry with a graph; a miss computes ``fn(inp)`` and stores it.
-        """
-        entry = self._entries.pop(key, None)
-        if entry is not None and entry[0] is inp and entry[1] == _state(module, inp):
-            if not any(t.grad_fn is not None for t in _leaves(entry[2])):
-                self._entries[key] = entry  # no graph to spend: serve later requests too
-            return entry[2]
+        """``fn(inp)``, or the stored result of an identical earlier request under ``key``."""
+        entry = self._entries.get(key)
+        if entry is not None and entry.state == _state(module, inp):
+            if entry.inp is inp and entry.fresh:
+                entry.fresh = not entry.has_graph  # a graph is handed out once
+                return entry.result
+            if _same_memory(entry.inp, inp) and not _needs_grad(module, inp):
+                return _map(torch.Tensor.detach, entry.result)
         result = fn(inp)
-        token = object()
-        self._entries[key] = (inp, _state(module, inp), result, token)
-        self._expire_on_backward(key, token, result)
+        entry = self._entries[key] = _Entry(inp, _state(module, inp), result)
+        _spend_on_backward(entry)
         return result
-
-    def _expire_on_backward(self, key, token, result) -> None:
-        """Drop the entry when a backward pass reaches any tensor of ``result``."""
-        memo = weakref.ref(self)  # the hook must not keep the memo or the result alive
-
-        def expire(_grad_outputs):
-            owner = memo()
-            if owner is not None and owner._entries.get(key, (None,) * 4)[3] is token:
-                del owner._entries[key]
-
-        for t in _leaves(result):
-            if t.grad_fn is not None:
-                t.grad_fn.register_prehook(expire)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -77,6 +66,51 @@ class Memo:
 
     def __setstate__(self, state):
         self._entries = {}
+
+
+class _Entry:
+    __slots__ = ("inp", "state", "result", "has_graph", "fresh", "__weakref__")
+
+    def __init__(self, inp, state, result):
+        self.inp, self.state, self.result = inp, state, result
+        self.has_graph = any(t.grad_fn is not None for t in _leaves(result))
+        self.fresh = True
+
+
+def _spend_on_backward(entry: _Entry) -> None:
+    """Mark the entry's graph spent when a backward pass reaches any tensor of its result."""
+    ref = weakref.ref(entry)  # the hook must not keep the entry (and its result) alive
+
+    def spend(_grad_outputs):
+        alive = ref()
+        if alive is not None:
+            alive.fresh = False
+
+    for t in _leaves(entry.result):
+        if t.grad_fn is not None:
+            t.grad_fn.register_prehook(spend)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``b`` views exactly ``a``'s elements (the version is compared with the state)."""
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+    )
+
+
+def _needs_grad(module: nn.Module, inp: torch.Tensor) -> bool:
+    return inp.requires_grad or any(p.requires_grad for p in module.parameters())
+
+
+def _map(fn, value):
+    """``fn`` applied to every tensor in nested tuples and lists, the nesting kept."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    return type(value)(_map(fn, item) for item in value)
 
 
 def _leaves(value):

@@ -103,3 +103,34 @@ def test_memo_survives_deepcopy_empty():
     poutine.trace(vae.guide).get_trace(x)  # leaves entries holding graph tensors
     clone = copy.deepcopy(vae)
     assert clone.generative._memo._entries == {}
+
+
+def test_dreg_runs_each_prior_network_once_per_step():
+    """The fixed-sample guide pass of iwae-dreg gets the priors from the live pass."""
+    vae, x = _vae(batch_norm=True), _x()
+    calls = _count_prior_calls(vae)
+    elbo = make_elbo("iwae-dreg", 4, max_plate_nesting=1)
+    elbo.loss_and_grads(vae.model, vae.guide, x)
+    calls.clear()
+    elbo.loss_and_grads(vae.model, vae.guide, x)
+    assert sorted(calls) == [0, 1]
+
+
+def test_a_copy_of_the_input_gets_stored_values_only_when_no_gradient_can_flow():
+    torch.manual_seed(0)
+    memo, net, z = Memo(), torch.nn.Linear(3, 2), torch.randn(4, 3)
+    calls = []
+
+    def fn(t):
+        calls.append(t)
+        return net(t)
+
+    first = memo.call(0, net, z, fn)
+    memo.call(0, net, z.detach(), fn)  # the weights want a gradient: computed again
+    assert len(calls) == 2
+    net.requires_grad_(False)
+    served = memo.call(0, net, z.detach(), fn)
+    assert len(calls) == 2 and served.grad_fn is None
+    torch.testing.assert_close(served, first.detach(), rtol=0, atol=0)
+    memo.call(0, net, z.clone(), fn)  # equal values in other memory: computed
+    assert len(calls) == 3
