@@ -16,11 +16,15 @@ The reparameterized gradient of ``F`` is
                - \partial_\eta \log q(z_s | x)\big|_z
                + \partial_z \log w_s \cdot \nabla_\eta z_s\big]
 
-with ``|_z``: samples held fixed. The engine evaluates ``log p`` and ``log q`` at detached
-copies ``z~`` of the samples (live parameters, so autograd gives the ``|_z`` terms and
-``d log w / d z~``), and adds ``sum_s sg(c_path_s d log w_s / d z~_s) . z_s`` with the
-live samples for the path term, which carries the gradient through ``g`` into every
-parameter, upstream samples included. Each estimator chooses three coefficients:
+with ``|_z``: samples held fixed. Each estimator weights the three terms with its own
+coefficients ``(c_p, c_q, c_path)``. The engine gets them from one pass of the guide and
+the model at the live samples: autograd through ``sum_s c_path_s log w_s`` there gives
+``c_path`` times all three terms (the path term through ``g`` into every parameter,
+upstream samples included), and where ``c_p`` or ``c_q`` differs from ``c_path`` it adds
+``(c_p - c_path) log p`` or ``-(c_q - c_path) log q`` evaluated at detached copies ``z~``
+of the samples with live parameters (one more pass of the model or the guide), whose
+gradient is the ``|_z`` term alone. Plain reparameterized estimators need no second pass.
+The coefficients:
 
 * plain reparameterization (``miwae``, ``ciwae``): ``c_p = c_q = c_path = c``;
 * sticking the landing (``stl``, ``iwae-stl``; Roeder et al. 2017): ``c_q = 0``. The
@@ -57,8 +61,9 @@ References
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import NamedTuple
+import warnings
 
 import pyro
 import torch
@@ -70,18 +75,65 @@ from .._traces import max_plate_nesting, per_datapoint, sample_sites, split_trac
 from ..errors import ConfigError
 
 
-class _Draws(NamedTuple):
-    log_p: torch.Tensor  # (S, B): log p(x, z~) at detached samples, live parameters
-    log_q: torch.Tensor  # (S, B): log q(z~ | x) likewise
-    live: dict  # site -> live reparameterized sample (S, ..., B, event)
-    leaves: dict  # site -> detached copy with requires_grad
-    p_trace: object  # the model's trace at the detached samples
-    q_trace: object  # the guide's trace at the detached samples
-    nesting: int  # plates left of the event dims, the particle plate excluded
+class _Draws:
+    """``S`` vectorized draws ``z ~ q(z | x)``, the model replaying them, and the
+    log-densities per (sample, data point), computed once per step.
+
+    ``log_p`` and ``log_q`` (``(S, B)``) are taken at the live samples, so their gradient is
+    the full reparameterized one. :meth:`fixed_log_p` and :meth:`fixed_log_q` evaluate them
+    again at detached copies of the samples with live parameters (the ``|_z`` terms of the
+    module's derivation), running the model or the guide once more, only when asked.
+    """
+
+    def __init__(self, model, guide, args, kwargs, particles, nesting, estimator):
+        self._call = (model, guide, args, kwargs)
+        self.particles, self.nesting = particles, nesting
+        with particles:
+            self.guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        check_reparameterized(self.guide_trace, estimator)
+        with particles:
+            replayed = poutine.replay(model, trace=self.guide_trace)
+            self.model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+        self.latents = {
+            n: s["value"] for n, s in sample_sites(self.guide_trace) if not s["is_observed"]
+        }  # site -> live reparameterized sample (S, ..., B, event)
+        _check_guide_covers_model(self.model_trace, self.latents)
+        log_p = _sum_sites(self.model_trace, nesting, None)
+        log_q = _sum_sites(self.guide_trace, nesting, set(self.latents))
+        self.shape = torch.broadcast_shapes(log_p.shape, log_q.shape)
+        self.log_p, self.log_q = log_p.expand(self.shape), log_q.expand(self.shape)
+        self._fixed = {}
+        self._values = None  # detached samples, one set for every fixed pass
 
     @property
     def log_w(self) -> torch.Tensor:
         return self.log_p - self.log_q
+
+    def fixed_trace(self, which: str, frozen=()):
+        """The ``"guide"``'s or the ``"model"``'s trace at the detached samples, with the
+        parameters in ``frozen`` taking no gradient."""
+        key = (which, bool(frozen))
+        if key not in self._fixed:
+            if self._values is None:  # the same tensors for every pass: the memo may reuse work
+                self._values = {n: v.detach() for n, v in self.latents.items()}
+            model, guide, args, kwargs = self._call
+            fn = poutine.condition(guide if which == "guide" else model, data=self._values)
+            # the live pass registered every parameter already: keep these registrations
+            # from the outer handlers (SVI's parameter capture included) and from the trace
+            fn = poutine.block(fn, hide_types=["param"])
+            with self.particles, _frozen(frozen):
+                self._fixed[key] = poutine.trace(fn).get_trace(*args, **kwargs)
+        return self._fixed[key]
+
+    def fixed_log_q(self, frozen=()) -> torch.Tensor:
+        """``log q(z~ | x)`` ``(S, B)`` at the detached samples, live parameters but those
+        in ``frozen``."""
+        log_q = _sum_sites(self.fixed_trace("guide", frozen), self.nesting, set(self.latents))
+        return log_q.expand(self.shape)
+
+    def fixed_log_p(self) -> torch.Tensor:
+        """``log p(x, z~)`` ``(S, B)`` at the detached samples, live parameters."""
+        return _sum_sites(self.fixed_trace("model"), self.nesting, None).expand(self.shape)
 
 
 class WeightedELBO(ELBO):
@@ -110,14 +162,14 @@ class WeightedELBO(ELBO):
     def loss(self, model, guide, *args, **kwargs) -> float:
         """``-sum_b F_b``, the negative objective summed over the batch."""
         with torch.no_grad():
-            draws = self._draw(model, guide, args, kwargs, track=False)
+            draws = self._draw(model, guide, args, kwargs)
             return -self.objective(draws.log_w).sum().item()
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """The loss as a 0-dim tensor: its value is :meth:`loss`'s on these draws, its
         gradient the one :meth:`loss_and_grads` accumulates. For training loops that call
         ``backward`` themselves (PyTorch Lightning, ``DistributedDataParallel``)."""
-        draws = self._draw(model, guide, args, kwargs, track=True)
+        draws = self._draw(model, guide, args, kwargs)
         log_w = draws.log_w.detach()  # (S, B)
         surrogate = self._surrogate(draws, *self.coefficients(log_w))
         return _value_with_gradient(-self.objective(log_w).sum(), -surrogate)
@@ -129,32 +181,54 @@ class WeightedELBO(ELBO):
         return loss.item()
 
     @staticmethod
-    def _surrogate(draws: _Draws, c_p, c_q, c_path) -> torch.Tensor:
-        """``sum c_p log p - sum c_q log q + sum sg(c_path d log w / d z~) . z``."""
-        surrogate = (c_p * draws.log_p).sum() - (c_q * draws.log_q).sum()
-        return surrogate + _path_term(draws, (c_path * draws.log_w).sum())
+    def _surrogate(draws: _Draws, c_p, c_q, c_path, frozen=None) -> torch.Tensor:
+        """A scalar whose gradient is ``sum c_p d log p|_z - sum c_q d log q|_z`` plus the
+        path term with ``c_path``, evaluated as
+
+        ``sum c_path log w + sum (c_p - c_path) log p(z~) - sum (c_q - c_path) log q(z~)``
+
+        (``log w`` at the live samples carries the path term and ``c_path`` times both direct
+        terms; the fixed-sample terms correct the direct ones). A coefficient that *is*
+        ``c_path`` (the same tensor) needs no correction and no extra pass.
+
+        ``frozen``: the model's parameters, when only the guide's own will be
+        differentiated. The model's correction is then left out (its gradient for them is
+        zero) and the guide's fixed-sample pass runs with ``frozen`` taking no gradient,
+        which lets the ladder's memo serve the prior networks' outputs from the live pass.
+        """
+        surrogate = (c_path * draws.log_w).sum()
+        if c_q is not c_path:
+            surrogate = surrogate - ((c_q - c_path) * draws.fixed_log_q(frozen or ())).sum()
+        if frozen is None and c_p is not c_path:
+            surrogate = surrogate + ((c_p - c_path) * draws.fixed_log_p()).sum()
+        return surrogate
 
     def _split_surrogate(self, draws, guide_coeffs, model_coeffs) -> torch.Tensor:
         """A negative surrogate whose gradient comes from ``model_coeffs`` for the parameters
         the model registers and from ``guide_coeffs`` for the guide's own.
 
-        Each group's gradient ``g`` is taken by autograd first; the result is the linear form
-        ``sum_p <g_p, p>`` (``g`` held fixed), so a later ``backward`` gives every parameter
-        exactly its group's gradient.
+        Each group's gradient ``g`` is taken by autograd first; the result is a zero whose
+        backward hands every parameter ``g`` (the gradient of the linear form
+        ``sum_p <g_p, p>`` with ``g`` held fixed, without forming it), so a later
+        ``backward`` gives every parameter exactly its group's gradient.
         """
-        guide_only, model_params, _ = split_traced_parameters(draws.p_trace, draws.q_trace)
+        guide_only, model_params, _ = split_traced_parameters(draws.model_trace, draws.guide_trace)
+        frozen = list(model_params.values())
         groups = [(guide_only, guide_coeffs, True), (model_params, model_coeffs, False)]
-        total = draws.log_p.new_zeros(())
-        for params, coeffs, retain in groups:
-            tensors = list(params.values())
-            surrogate = -self._surrogate(draws, *coeffs)
+        params, grads = [], []
+        for group, coeffs, retain in groups:
+            tensors = [p for p in group.values() if p.requires_grad]
+            surrogate = -self._surrogate(draws, *coeffs, frozen=frozen if retain else None)
             if not tensors or not surrogate.requires_grad:
                 continue
-            grads = torch.autograd.grad(surrogate, tensors, retain_graph=retain, allow_unused=True)
-            for param, grad in zip(tensors, grads, strict=True):
+            found = torch.autograd.grad(surrogate, tensors, retain_graph=retain, allow_unused=True)
+            for param, grad in zip(tensors, found, strict=True):
                 if grad is not None:
-                    total = total + (grad * param).sum()
-        return total
+                    params.append(param)
+                    grads.append(grad)
+        if not params:
+            return draws.log_p.new_zeros(())
+        return _GivenGradients.apply(tuple(grads), *params)
 
     def _get_trace(self, model, guide, args, kwargs):
         """One ``(model_trace, guide_trace)`` pair, for Pyro's generic ELBO helpers."""
@@ -169,36 +243,28 @@ class WeightedELBO(ELBO):
             (grad,) = torch.autograd.grad(self.objective(leaf).sum(), leaf)
         return grad
 
-    def _draw(self, model, guide, args, kwargs, track: bool) -> _Draws:
+    def _draw(self, model, guide, args, kwargs) -> _Draws:
         if self.max_plate_nesting == float("inf"):
             self.max_plate_nesting = max_plate_nesting(model, guide, args, kwargs)
         nesting = self.max_plate_nesting
         particles = pyro.plate("_num_particles_vectorized", self.num_particles, dim=-(nesting + 1))
-        with particles:
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        live = {n: s["value"] for n, s in sample_sites(guide_trace) if not s["is_observed"]}
-        check_reparameterized(guide_trace, type(self).__name__)
-        leaves = {n: v.detach().requires_grad_(track) for n, v in live.items()}
-        with particles:
-            q_trace = poutine.trace(poutine.condition(guide, data=leaves)).get_trace(
-                *args, **kwargs
-            )
-            p_trace = poutine.trace(poutine.condition(model, data=leaves)).get_trace(
-                *args, **kwargs
-            )
-        for name, site in sample_sites(p_trace):
-            if name not in leaves and not site["is_observed"]:
-                raise ConfigError(
-                    f"model site {name!r} has no guide site: importance weighting needs the "
-                    "guide to sample every latent (a discrete site summed out of the model "
-                    "trains with 'enum' only)"
-                )
-        log_q = _sum_sites(q_trace, nesting, set(leaves))
-        log_p = _sum_sites(p_trace, nesting, None)
-        shape = torch.broadcast_shapes(log_p.shape, log_q.shape)
-        return _Draws(
-            log_p.expand(shape), log_q.expand(shape), live, leaves, p_trace, q_trace, nesting
-        )
+        return _Draws(model, guide, args, kwargs, particles, nesting, type(self).__name__)
+
+
+class _GivenGradients(torch.autograd.Function):
+    """A zero scalar whose backward gives each of ``params`` its entry of ``grads`` (times
+    the incoming gradient): ``sum_p <g_p, p>``'s gradient at the cost of handing it over."""
+
+    @staticmethod
+    def forward(ctx, grads, *params):
+        ctx.grads = grads
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, out):
+        if bool(out == 1):  # the usual case: no need to scale a copy of every gradient
+            return (None, *ctx.grads)
+        return (None, *(out * g for g in ctx.grads))
 
 
 def _value_with_gradient(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
@@ -206,20 +272,31 @@ def _value_with_gradient(value: torch.Tensor, surrogate: torch.Tensor) -> torch.
     return value + (surrogate - surrogate.detach())
 
 
-def _path_term(draws: _Draws, scalar: torch.Tensor) -> torch.Tensor:
-    """``sum_l sg(d scalar / d z~_l) . z_l``: carries ``scalar``'s sample gradient into the
-    parameters through the live reparameterized samples."""
-    names = [n for n in draws.leaves if draws.leaves[n].requires_grad]
-    if not names or not scalar.requires_grad:
-        return scalar.new_zeros(())
-    slopes = torch.autograd.grad(
-        scalar, [draws.leaves[n] for n in names], retain_graph=True, allow_unused=True
-    )
-    total = scalar.new_zeros(())
-    for name, slope in zip(names, slopes, strict=True):
-        if slope is not None:
-            total = total + (slope.detach() * draws.live[name]).sum()
-    return total
+@contextlib.contextmanager
+def _frozen(params):
+    """``requires_grad`` off for ``params`` inside the block (graphs built before it keep
+    their parameters; no backward may run inside). ``pyro.module`` warns about frozen
+    parameters it meets there; they were registered by the live pass."""
+    flipped = [p for p in params if p.requires_grad]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "(?s).*requires_grad=False", UserWarning)
+        try:
+            for p in flipped:
+                p.requires_grad_(False)
+            yield
+        finally:
+            for p in flipped:
+                p.requires_grad_(True)
+
+
+def _check_guide_covers_model(model_trace, latents) -> None:
+    for name, site in sample_sites(model_trace):
+        if name not in latents and not site["is_observed"]:
+            raise ConfigError(
+                f"model site {name!r} has no guide site: importance weighting needs the "
+                "guide to sample every latent (a discrete site summed out of the model "
+                "trains with 'enum' only)"
+            )
 
 
 def _sum_sites(trace, nesting, only) -> torch.Tensor:
@@ -275,7 +352,7 @@ class IWAE_DReG(WeightedELBO):
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         if self.shared == "dreg":
             return super().differentiable_loss(model, guide, *args, **kwargs)
-        draws = self._draw(model, guide, args, kwargs, track=True)
+        draws = self._draw(model, guide, args, kwargs)
         log_w = draws.log_w.detach()
         w_bar = log_w.softmax(0)
         surrogate = self._split_surrogate(draws, self.coefficients(log_w), (w_bar,) * 3)
@@ -347,11 +424,11 @@ class PIWAE(MIWAE):
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
-            log_w = self._draw(model, guide, args, kwargs, track=False).log_w
+            log_w = self._draw(model, guide, args, kwargs).log_w
         return -_iwae(log_w).sum().item()
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        draws = self._draw(model, guide, args, kwargs, track=True)
+        draws = self._draw(model, guide, args, kwargs)
         log_w = draws.log_w.detach()
         c_dec = log_w.softmax(0)  # dIWAE(MK)/dlog w
         c_enc = self._dF(log_w)  # dMIWAE(M, K)/dlog w
@@ -378,28 +455,33 @@ class CondKLSemiGradient(WeightedELBO):
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
-            rec, kl = self._terms(self._draw(model, guide, args, kwargs, track=False))
+            rec, kl = self._terms(self._draw(model, guide, args, kwargs), fixed=False)
         return -(rec - kl).mean(0).sum().item()
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        draws = self._draw(model, guide, args, kwargs, track=True)
-        rec, kl = self._terms(draws)  # (S, B) each
-        S = rec.shape[0]
-        surrogate = (rec - kl).sum() / S + _path_term(draws, rec.sum() / S)
-        return _value_with_gradient(-(rec - kl).detach().mean(0).sum(), -surrogate)
+        draws = self._draw(model, guide, args, kwargs)
+        rec, kl = self._terms(draws, fixed=True)  # (S, B) each
+        surrogate = (rec - kl).mean(0).sum()
+        return _value_with_gradient(-surrogate.detach(), -surrogate)
 
-    def _terms(self, draws: _Draws):
-        """Reconstruction ``(S, B)`` (observed sites) and summed conditional KL ``(S, B)``."""
+    def _terms(self, draws: _Draws, fixed: bool):
+        """Reconstruction ``(S, B)`` (observed sites) at the live samples, so its gradient
+        takes the path through them, and summed conditional KL ``(S, B)``: at the samples
+        held fixed (``fixed=True``, the semi-gradient) or at the live ones (same values)."""
         rec = 0.0
-        for name, site in sample_sites(draws.p_trace):
-            if name not in draws.leaves:
+        for name, site in sample_sites(draws.model_trace):
+            if name not in draws.latents:
                 log_p = site["fn"].log_prob(site["value"])
                 rec = rec + per_datapoint(
                     site, scale_and_mask(log_p, site["scale"], site["mask"]), draws.nesting
                 )
+        if fixed:
+            q_trace, p_trace = draws.fixed_trace("guide"), draws.fixed_trace("model")
+        else:
+            q_trace, p_trace = draws.guide_trace, draws.model_trace
         kl = 0.0
-        for name in draws.leaves:
-            q_site, p_site = draws.q_trace.nodes[name], draws.p_trace.nodes[name]
+        for name in draws.latents:
+            q_site, p_site = q_trace.nodes[name], p_trace.nodes[name]
             try:
                 value = torch.distributions.kl_divergence(q_site["fn"], p_site["fn"])
             except NotImplementedError:
@@ -413,10 +495,10 @@ def _sampled_top_kl(draws: _Draws, name: str) -> torch.Tensor:
     """``log q(z) - log p(z)`` at the live sample ``(S, B, ...)`` for a site whose KL has no
     closed form. Only the first latent of both traces qualifies: it has no upper sample to
     hold fixed, so its semi-gradient is the full reparameterized gradient."""
-    q_site, p_site = draws.q_trace.nodes[name], draws.p_trace.nodes[name]
+    q_site, p_site = draws.guide_trace.nodes[name], draws.model_trace.nodes[name]
     firsts = [
-        next(n for n, _ in sample_sites(t) if n in draws.leaves)  # leaves: the latents
-        for t in (draws.q_trace, draws.p_trace)
+        next(n for n, _ in sample_sites(t) if n in draws.latents)
+        for t in (draws.guide_trace, draws.model_trace)
     ]
     if firsts != [name, name]:
         raise ConfigError(
@@ -424,5 +506,5 @@ def _sampled_top_kl(draws: _Draws, name: str) -> torch.Tensor:
             f"({type(q_site['fn']).__name__} vs {type(p_site['fn']).__name__}): only the top "
             "site may use a distribution without a closed-form KL"
         )
-    z = draws.live[name]
+    z = draws.latents[name]
     return q_site["fn"].log_prob(z) - p_site["fn"].log_prob(z)
