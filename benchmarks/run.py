@@ -67,6 +67,8 @@ FULL = dict(
     scaling_repeats=3,
     eval_k=(500, 1000, 2000, 5000),
     eval_k_images=10,
+    eval_rows=(1024, 4096, 16384, 32768),
+    eval_rows_k=2000,
     memory_k=(50, 500, 5000),
     memory_k_images=20,
     memory_images=(100, 1000, 10_000),
@@ -87,6 +89,8 @@ TINY = dict(
     scaling_repeats=1,
     eval_k=(5, 10),
     eval_k_images=2,
+    eval_rows=(8, 32),
+    eval_rows_k=10,
     memory_k=(5,),
     memory_k_images=2,
     memory_images=(2,),
@@ -167,20 +171,25 @@ def _pair(x_dim, latent, hidden, seed):
 
 
 def _interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds of each function; the order alternates between repeats."""
+    """Median wall-clock seconds of each function (``name``), median CPU seconds of this
+    process (``name_cpu``: what the function cost, whatever else the machine ran) and every
+    wall-clock time (``name_all``); the order alternates between repeats."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    times = {name: [] for name in names}
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()} | {
-        f"{name}_all": t for name, t in times.items()
-    }
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start)
+    out = {name: statistics.median(t) for name, t in wall.items()}
+    out.update({f"{name}_cpu": statistics.median(t) for name, t in cpu.items()})
+    out.update({f"{name}_all": t for name, t in wall.items()})
+    return out
 
 
 class _Batches:
@@ -253,6 +262,9 @@ def _train_row(data, size, args, estimator, k, latent, hidden, repeats, detail=F
         "library_ms": 1e3 * t["library"],
         "reference_ms": 1e3 * t["reference"],
         "ratio": t["library"] / t["reference"],
+        "library_cpu_ms": 1e3 * t["library_cpu"],
+        "reference_cpu_ms": 1e3 * t["reference_cpu"],
+        "cpu_ratio": t["library_cpu"] / t["reference_cpu"],
         "library_ms_all": [1e3 * v for v in t["library_all"]],
         "reference_ms_all": [1e3 * v for v in t["reference_all"]],
     }
@@ -293,6 +305,7 @@ def run_train(data, size, args) -> list:
             "library_ms",
             "reference_ms",
             "ratio",
+            "cpu_ratio",
             "library_pyro_adam_ms",
             "ratio_pyro_adam",
             "library_grad_ms",
@@ -321,25 +334,29 @@ class _quiet_jit:
 # ---------------------------------------------------------------- 2. evaluation
 
 
-def _eval_fns(vae, ref, x, k):
+def _eval_fns(vae, ref, x, k, max_rows=None):
+    rows = {} if max_rows is None else {"max_rows": max_rows}  # None: each one's default
+
     def lib():
-        log_likelihood(vae.model, vae.guide, x, num_samples=k)
+        log_likelihood(vae.model, vae.guide, x, num_samples=k, **rows)
 
     def reference():
-        ref.log_likelihood(x, k)
+        ref.log_likelihood(x, k, **rows)
 
     return {"library": lib, "reference": reference}
 
 
-def _eval_row(vae, ref, x, k, repeats) -> dict:
-    t = _interleaved(_eval_fns(vae, ref, x, k), repeats, warmup=0)
+def _eval_row(vae, ref, x, k, repeats, max_rows=None) -> dict:
+    t = _interleaved(_eval_fns(vae, ref, x, k, max_rows), repeats, warmup=0)
     n = len(x)
     return {
         "images": n,
         "samples": k,
+        "max_rows": max_rows,
         "library_s": t["library"],
         "reference_s": t["reference"],
         "ratio": t["library"] / t["reference"],
+        "cpu_ratio": t["library_cpu"] / t["reference_cpu"],
         "library_images_per_s": n / t["library"],
         "reference_images_per_s": n / t["reference"],
         "library_test_set_min": TEST_SET * t["library"] / n / 60,
@@ -365,6 +382,7 @@ def run_eval(data, size, args) -> dict:
             "library_s",
             "reference_s",
             "ratio",
+            "cpu_ratio",
             "library_images_per_s",
             "reference_images_per_s",
             "library_test_set_min",
@@ -433,6 +451,7 @@ def run_scaling(data, size, args) -> dict:
         "step_vs_k": [],
         "step_vs_depth": [],
         "eval_vs_k": [],
+        "eval_vs_rows": [],
         "memory_vs_k": [],
         "memory_vs_images": [],
     }
@@ -448,6 +467,8 @@ def run_scaling(data, size, args) -> dict:
     x = data["test"][: size["eval_k_images"]]
     for k in size["eval_k"]:
         out["eval_vs_k"].append(_eval_row(vae, ref, x, k, 1))
+    for rows in size["eval_rows"]:
+        out["eval_vs_rows"].append(_eval_row(vae, ref, x, size["eval_rows_k"], 1, rows))
     for k in size["memory_k"]:
         out["memory_vs_k"].append(
             _memory_row(vae, data["test"][: size["memory_k_images"]], k, args)
@@ -471,14 +492,20 @@ def _memory_row(vae, x, k, args) -> dict:
 
 
 def _print_scaling(out):
-    step_cols = ["estimator", "particles", "depth", "library_ms", "reference_ms", "ratio"]
+    step_cols = [
+        "estimator",
+        "particles",
+        "depth",
+        "library_ms",
+        "reference_ms",
+        "ratio",
+        "cpu_ratio",
+    ]
     _print_table("step time against K (batch as above)", out["step_vs_k"], step_cols)
     _print_table("elbo step time against depth", out["step_vs_depth"], step_cols)
-    _print_table(
-        "evaluation time against K",
-        out["eval_vs_k"],
-        ["images", "samples", "library_s", "reference_s", "ratio"],
-    )
+    eval_cols = ["images", "samples", "max_rows", "library_s", "reference_s", "ratio", "cpu_ratio"]
+    _print_table("evaluation time against K", out["eval_vs_k"], eval_cols)
+    _print_table("evaluation time against rows per pass", out["eval_vs_rows"], eval_cols)
     mem_cols = [
         "images",
         "samples",
