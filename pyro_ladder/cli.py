@@ -412,7 +412,7 @@ def _train_distributed(args) -> int:
     again, so every process runs this: each loads the data and builds the same model (DDP
     then copies rank 0's weights to all); global rank 0 alone writes the run folder.
     """
-    from .distributed import fit_distributed, make_trainer  # needs lightning: ConfigError
+    from .distributed import ShardedRows, fit_distributed, make_trainer  # or ConfigError
 
     for name in ("lightning.pytorch", "lightning.fabric"):  # their INFO lines are chatter
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -437,6 +437,7 @@ def _train_distributed(args) -> int:
         progress=args.progress,
         tensorboard=args.tensorboard,
     )
+    ShardedRows(data.train, args.batch_size).check(trainer.world_size)
     if trainer.is_global_zero:
         print(
             f"training a {vae.depth}-layer {args.inference} model on {args.dataset} for {epochs} "

@@ -123,14 +123,18 @@ class ShardedRows(pl.LightningDataModule):
         super().__init__()
         self.data, self.batch_size, self.seed = data, batch_size, seed
 
-    def train_dataloader(self) -> DataLoader:
-        world, rank = self.trainer.world_size, self.trainer.global_rank
+    def check(self, world: int) -> None:
+        """Raise :class:`ConfigError` unless each of ``world`` processes gets a full batch."""
         if self.batch_size * world > len(self.data):
             raise ConfigError(
                 f"{world} processes x batch size {self.batch_size} exceed the "
                 f"{len(self.data)} training rows: lower --batch-size to at most "
                 f"{len(self.data) // world}"
             )
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        self.check(world)
         batches = ShardBatches(len(self.data), self.batch_size, world, rank, self.seed)
         # the rows are in memory: worker processes would only copy them
         return DataLoader(_Rows(self.data), sampler=batches, batch_size=None)
@@ -395,6 +399,8 @@ def fit_distributed(
     )
     if trainer is None:
         trainer = make_trainer(epochs=epochs, **trainer_options)
+    rows = ShardedRows(data, batch_size, seed)
+    rows.check(trainer.world_size)  # before Lightning starts the other processes
     svi = LightningSVI(
         model,
         guide,
@@ -411,7 +417,7 @@ def fit_distributed(
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         # torch 2.14 deprecates a pytree type check that Lightning 2.6 makes on every batch
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-        trainer.fit(svi, datamodule=ShardedRows(data, batch_size, seed))
+        trainer.fit(svi, datamodule=rows)
     return svi.history if trainer.is_global_zero else None
 
 

@@ -249,10 +249,19 @@ def test_parameters_outside_the_modules_are_refused():
         )  # fmt: skip
 
 
-def test_sync_batchnorm_on_cpus_is_refused(capsys, tmp_path):
-    args = ["train", "--devices", "2", "--accelerator", "cpu", "--sync-batchnorm"]
-    assert main(args + ["--epochs", "1", "--out", str(tmp_path / "run")]) == 2
-    assert "--sync-batchnorm needs GPUs" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--sync-batchnorm"], "--sync-batchnorm needs GPUs"),
+        (["--batch-size", "719"], "2 processes x batch size 719 exceed the 1437 training rows"),
+    ],
+)
+def test_setups_that_cannot_run_are_refused_before_anything_is_written(
+    capsys, tmp_path, options, message
+):
+    args = ["train", "--devices", "2", "--accelerator", "cpu", "--epochs", "1", *options]
+    assert main(args + ["--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
