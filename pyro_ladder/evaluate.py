@@ -193,10 +193,14 @@ def _log_prob(site) -> torch.Tensor:
 
 
 def _chunk_size(K, B, max_rows, iwae_k) -> int:
-    """Draws per pass: as many as fit ``max_rows``, a multiple of every ``k`` when possible."""
+    """Draws per pass: as many as fit ``max_rows``, a multiple of every ``k`` when possible.
+
+    A pass never holds fewer draws than the largest group that fits in ``K``, even past
+    ``max_rows``: every ``IWAE_k`` needs at least one whole group of ``k`` draws in a pass.
+    """
     chunk = max(1, min(K, max_rows // max(B, 1)))
     step = math.lcm(*iwae_k) if iwae_k else 1
-    return max(step, chunk - chunk % step) if chunk >= step else chunk
+    return max(step, chunk - chunk % step) if chunk >= step else min(K, step)
 
 
 def _add_lse(total, value):

@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import time
+import warnings
 
 import numpy as np
 import pyro
@@ -181,7 +182,9 @@ class _Run:
 
     def _step(self, weight, batch) -> float:
         try:
-            loss = self.svi.step(*weight, batch, *self.args, **self.kwargs)
+            with warnings.catch_warnings():  # a NaN is reported below, with its step
+                warnings.filterwarnings("ignore", message="Encountered NaN")
+                loss = self.svi.step(*weight, batch, *self.args, **self.kwargs)
         except ValueError as err:  # Pyro's validation: a distribution got NaN parameters
             if "invalid values" not in str(err):
                 raise

@@ -172,3 +172,12 @@ def test_per_variable_terms_add_up_to_the_negative_elbo():
     # with the exact posterior -ELBO = -log p(x); the terms carry Monte Carlo noise only
     torch.testing.assert_close(total, -exact_log_px(x), atol=0.05, rtol=0)
     assert (result["cross_entropy"]["x"] > 0).all()
+
+
+@pytest.mark.parametrize("max_rows", [1, 7, 100, 10**6])
+def test_iwae_groups_survive_passes_smaller_than_a_group(max_rows):
+    x = _data(10)
+    result = evaluate(chain_model, posterior_guide, x, num_samples=60, iwae_k=(5, 50),
+                      max_rows=max_rows)
+    for k in (5, 50):  # the exact posterior: every bound equals log p(x) whatever the passes
+        torch.testing.assert_close(result["iwae"][k], exact_log_px(x), rtol=0, atol=1e-9)

@@ -175,8 +175,8 @@ def test_cli_resume_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", str(out), "--no-progress"]) == 2
     assert "has finished its 1 epochs: pass --epochs" in capsys.readouterr().err
-    assert main(["train", "--resume", str(out), "--batch-size", "100"]) == 2
-    assert "--batch-size 100 differs from the run's 200" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--batch-size", "50"]) == 2
+    assert "--batch-size 50 differs from the run's 200" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--epochs", "2", "--no-progress"]) == 0
