@@ -44,11 +44,15 @@ class Memo:
     def call(self, key, module: nn.Module, inp: torch.Tensor, fn):
         """``fn(inp)``, or the stored result of an identical earlier request under ``key``."""
         entry = self._entries.get(key)
-        if entry is not None and entry.state == _state(module, inp):
+        if (
+            entry is not None
+            and _same_memory(entry.inp, inp)
+            and entry.state == _state(module, inp)
+        ):
             if entry.inp is inp and entry.fresh:
                 entry.fresh = not entry.has_graph  # a graph is handed out once
                 return entry.result
-            if _same_memory(entry.inp, inp) and not _needs_grad(module, inp):
+            if not _needs_grad(module, inp):
                 return _map(torch.Tensor.detach, entry.result)
         result = fn(inp)
         entry = self._entries[key] = _Entry(inp, _state(module, inp), result)
@@ -91,6 +95,15 @@ def _spend_on_backward(entry: _Entry) -> None:
             t.grad_fn.register_prehook(spend)
 
 
+def _submodules(module: nn.Module, out: list) -> list:
+    """``module`` and everything below it (``modules()`` without building names)."""
+    out.append(module)
+    for child in module._modules.values():
+        if child is not None:
+            _submodules(child, out)
+    return out
+
+
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """``b`` views exactly ``a``'s elements (the version is compared with the state)."""
     return (
@@ -123,7 +136,7 @@ def _leaves(value):
 def _state(module: nn.Module, inp: torch.Tensor) -> tuple:
     """Everything a module's output at ``inp`` depends on besides the input's identity."""
     modes, tensors = [], []
-    for m in module.modules():  # one walk: this runs twice per request
+    for m in _submodules(module, []):
         modes.append(m.training)
         tensors.extend(t for t in m._parameters.values() if t is not None)
         tensors.extend(t for t in m._buffers.values() if t is not None)
