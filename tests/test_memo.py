@@ -134,3 +134,15 @@ def test_a_copy_of_the_input_gets_stored_values_only_when_no_gradient_can_flow()
     torch.testing.assert_close(served, first.detach(), rtol=0, atol=0)
     memo.call(0, net, z.clone(), fn)  # equal values in other memory: computed
     assert len(calls) == 3
+
+
+def test_kl_warm_up_keeps_the_reuse():
+    """Under warm-up (a scale and a mask on every latent site) the model still reuses the
+    guide's prior networks: one run of each per step."""
+    from pyro_ladder import with_kl_weight
+
+    vae, x = _vae(batch_norm=True), _x()
+    calls = _count_prior_calls(vae)
+    model, guide = with_kl_weight(vae.model), with_kl_weight(vae.guide)
+    make_elbo("elbo").loss_and_grads(model, guide, torch.tensor(0.5, dtype=x.dtype), x)
+    assert sorted(calls) == [0, 1]
