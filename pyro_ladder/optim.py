@@ -27,6 +27,11 @@ class Adam(PyroOptim):
     come from the constructor: ``set_state`` restores each parameter's moments and step
     count, not saved learning rates. Gradient clipping (``clip_args``) is not supported:
     use ``pyro.optim.ClippedAdam``.
+
+    After its step it sets the stepped parameters' gradients to ``None`` (as
+    ``torch.optim.Optimizer.zero_grad`` does by default), where ``pyro.optim.Adam`` leaves
+    them for ``SVI`` to overwrite with zeros: ``SVI`` then allocates nothing, and the next
+    backward pass writes the gradients instead of adding them to zeros.
     """
 
     def __init__(self, optim_args, clip_args=None):
@@ -77,7 +82,8 @@ class Adam(PyroOptim):
 
 
 def _step_only(opt, params, *args, **kwargs) -> None:
-    """``opt.step()`` for ``params`` only: others it holds keep their gradient, unused."""
+    """``opt.step()`` for ``params`` only, whose gradients it then releases; others it holds
+    keep their gradient, unused."""
     held = [p for p in opt.param_groups[0]["params"] if p not in params and p.grad is not None]
     grads = [p.grad for p in held]
     for p in held:
@@ -85,6 +91,8 @@ def _step_only(opt, params, *args, **kwargs) -> None:
     try:
         opt.step(*args, **kwargs)
     finally:
+        for p in params:
+            p.grad = None
         for p, g in zip(held, grads, strict=True):
             p.grad = g
 

@@ -93,3 +93,9 @@ def test_steps_only_the_parameters_it_is_given():
 def test_gradient_clipping_is_refused_with_a_pointer():
     with pytest.raises(ConfigError, match="ClippedAdam"):
         Adam({"lr": 1e-3}, clip_args={"clip_norm": 1.0})
+
+
+def test_gradients_are_released_after_the_step():
+    vae = _vae()
+    _train(vae, Adam({"lr": 1e-2}), 1)
+    assert all(p.grad is None for p in vae.parameters())
