@@ -37,7 +37,7 @@ def test_the_readme_shows_the_example_code():
     assert len(blocks) == 2
     for block in blocks:
         assert block in source, "README code differs from examples/custom_pair.py"
-    assert "class FlowPriorVAE" in blocks[0] and "def diagnose" in blocks[1]
+    assert "class MixturePriorVAE" in blocks[0] and "def diagnose" in blocks[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +50,12 @@ def digits():
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_every_estimator_moves_every_network(name, digits):
     example = _load()
-    vae = example.FlowPriorVAE(64, name=f"flow-{name}")
+    vae = example.MixturePriorVAE(64, name=f"mix-{name}")
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     history = fit(vae.model, vae.guide, digits[0], elbo=name, num_particles=3, epochs=1,
                   batch_size=100, lr=1e-2, binarize=True, progress=False)
     assert all(math.isfinite(r["loss"]) for r in history)
-    for net in ("flow", "prior1", "likelihood", "up", "head1", "head2"):
+    for net in ("top", "prior1", "likelihood", "up", "head1", "head2"):
         moved = [not torch.equal(before[k], v) for k, v in vae.state_dict().items()
                  if k.startswith(net + ".")]
         assert moved and all(moved), f"{name} left parameters of {net} unchanged"
@@ -80,11 +80,11 @@ def test_the_example_runs_every_estimator_then_every_diagnostic():
     assert all(-0.05 <= v <= math.log(n) for v in report["mutual_information"].values())
 
 
-def test_kl_per_unit_adds_up_to_the_layer_kl_under_the_flow_prior(digits):
-    """The flow prior has no closed-form KL: the per-unit values are sampled, and must
+def test_kl_per_unit_adds_up_to_the_layer_kl_under_the_mixture_prior(digits):
+    """The mixture prior has no closed-form KL: the per-unit values are sampled, and must
     still add up to evaluate's per-layer KL (a different estimate of the same expectation)."""
     example = _load()
-    vae = example.FlowPriorVAE(64, name="flow-kl")
+    vae = example.MixturePriorVAE(64, name="mix-kl")
     fit(vae.model, vae.guide, digits[0], epochs=3, lr=1e-2, binarize=True, progress=False)
     from pyro_ladder.diagnostics import kl_per_unit
 
