@@ -20,6 +20,7 @@ from .data import binarize as binarize_pixels
 from .elbo import make_elbo
 from .errors import ConfigError, TrainingError
 from .evaluate import evaluate
+from .optim import Adam
 from .warmup import kl_weight, with_kl_weight
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def fit(
         (see :mod:`pyro_ladder.warmup`). 0 disables warm-up.
     :param seed: seeds torch, Python and numpy through ``pyro.set_rng_seed``; None leaves them.
     :param binarize: draw binary pixels from grey data anew every epoch (dynamic binarization).
-    :param optimizer: a ``pyro.optim`` optimizer; default ``Adam(lr)``.
+    :param optimizer: a ``pyro.optim`` optimizer; default :class:`pyro_ladder.optim.Adam`
+        with ``lr`` (``pyro.optim.Adam``'s update in one step for all parameters).
     :param monitor: held-out rows scored after every epoch (one-sample ELBO and per-site KL).
     :param callback: called as ``callback(record)`` after every epoch.
     :param tensorboard: a folder: log every number of each epoch's record there with
@@ -93,7 +95,7 @@ def fit(
     if resume is None and seed is not None:
         pyro.set_rng_seed(seed)
     loss_fn = make_elbo(elbo, num_particles) if isinstance(elbo, str) else elbo
-    optim = optimizer if optimizer is not None else pyro.optim.Adam({"lr": lr})
+    optim = optimizer if optimizer is not None else Adam({"lr": lr})
     if warmup_epochs:
         model, guide = with_kl_weight(model), with_kl_weight(guide)
     run = _Run(SVI(model, guide, optim, loss_fn), data, options, args, kwargs)

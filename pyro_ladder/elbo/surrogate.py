@@ -22,9 +22,8 @@ backward pass.
   differentiates.
 * The JIT estimators (``"jit-elbo"``, ``"jit-meanfield"``, ``"jit-tracegraph"``) run
   **uncompiled**, as the estimator they compile: the same value and gradient, without the
-  compilation. Compiling the ladder with one particle fails in torch 2.14 / Pyro 1.9.2
-  ("Cannot insert a Tensor that requires grad as a constant", in ``SVI`` as well), and a
-  traced graph would run inside ``DistributedDataParallel``'s forward untested.
+  compilation: a traced graph would run inside ``DistributedDataParallel``'s forward
+  untested.
 
 **The Renyi / IWAE surrogate.** With ``K`` particles and ``log w_k = log p(x, z_k) -
 log q(z_k | x)`` per data point (the dimensions of independent plates kept),
