@@ -254,12 +254,7 @@ def cmd_train(args) -> int:
     if args.resume is not None:
         return _resume(args)
     data = load_dataset(args.dataset, args.data_dir)
-    args.likelihood = args.likelihood or ("gaussian" if data.kind == "continuous" else "bernoulli")
-    args.epochs = args.epochs or (200 if args.dataset == "digits" else 10)
-    if args.warmup_epochs is None:
-        args.warmup_epochs = args.epochs // 10
-    pyro.set_rng_seed(args.seed)
-    vae = LadderVAE.from_config(_config(args, data.x_dim, args.likelihood))
+    vae = _model_for(args, data)
     test = _checked_test_set(args, vae, data)  # every check before anything is written
     out = _prepare_out(args)
     meta = {
@@ -318,10 +313,24 @@ def _plain(value):
     return tuple(value) if isinstance(value, list) else value
 
 
+def _model_for(args, data) -> LadderVAE:
+    """Fill in the data-dependent defaults of ``args``, then build the model, seeded."""
+    args.likelihood = args.likelihood or ("gaussian" if data.kind == "continuous" else "bernoulli")
+    args.epochs = args.epochs or (200 if args.dataset == "digits" else 10)
+    if args.warmup_epochs is None:
+        args.warmup_epochs = args.epochs // 10
+    pyro.set_rng_seed(args.seed)
+    return LadderVAE.from_config(_config(args, data.x_dim, args.likelihood))
+
+
+def _dynamic(data, likelihood: str) -> bool:
+    """Grey images under a Bernoulli likelihood are binarized anew every epoch."""
+    return data.kind == "grey" and likelihood == "bernoulli"
+
+
 def _checked_test_set(args, vae, data) -> torch.Tensor:
     """The test rows, after checking them and the training options against model and data."""
-    dynamic = data.kind == "grey" and args.likelihood == "bernoulli"
-    test = _test_set(data, dynamic, args.eval_limit)
+    test = _test_set(data, _dynamic(data, args.likelihood), args.eval_limit)
     vae.check_data(test)
     check_fit_options(
         data.train, args.epochs, args.batch_size, args.lr, args.warmup_epochs, args.checkpoint_every
@@ -331,7 +340,6 @@ def _checked_test_set(args, vae, data) -> torch.Tensor:
 
 def _train_and_finish(args, vae, data, test, meta, out, resume) -> int:
     """Train (saving the run as it goes), then evaluate and write every output."""
-    dynamic = data.kind == "grey" and args.likelihood == "bernoulli"
     print(
         f"training a {vae.depth}-layer {args.inference} model on {args.dataset} "
         f"({len(data.train)} images) for {args.epochs} epochs -> {out}"
@@ -349,7 +357,7 @@ def _train_and_finish(args, vae, data, test, meta, out, resume) -> int:
             lr=args.lr,
             warmup_epochs=args.warmup_epochs,
             seed=args.seed,
-            binarize=dynamic,
+            binarize=_dynamic(data, args.likelihood),
             monitor=test[:500],
             progress=args.progress,
             tensorboard=args.tensorboard,
@@ -419,12 +427,9 @@ def _train_distributed(args) -> int:
     if getattr(args, "resume", None) is not None or getattr(args, "checkpoint_every", None):
         raise ConfigError("--resume and --checkpoint-every run in one process: drop them")
     data = load_dataset(args.dataset, args.data_dir)
-    likelihood = args.likelihood or ("gaussian" if data.kind == "continuous" else "bernoulli")
-    epochs = args.epochs or (200 if args.dataset == "digits" else 10)
-    warmup = epochs // 10 if args.warmup_epochs is None else args.warmup_epochs
-    pyro.set_rng_seed(args.seed)
-    vae = LadderVAE.from_config(_config(args, data.x_dim, likelihood))
-    dynamic = data.kind == "grey" and likelihood == "bernoulli"
+    vae = _model_for(args, data)
+    epochs, warmup = args.epochs, args.warmup_epochs
+    dynamic = _dynamic(data, args.likelihood)
     test = _test_set(data, dynamic, args.eval_limit)
     vae.check_data(test)
     trainer = make_trainer(
@@ -451,7 +456,7 @@ def _train_distributed(args) -> int:
     )  # fmt: skip
     if not trainer.is_global_zero:
         return 0
-    meta = {"dataset": args.dataset, "likelihood": likelihood, "epochs": epochs}
+    meta = {"dataset": args.dataset, "likelihood": args.likelihood, "epochs": epochs}
     meta.update(seed=args.seed, elbo=args.elbo, particles=args.particles)
     meta["processes"] = trainer.world_size
     return _finish_distributed(args, vae.cpu(), data, test, history, meta, warmup)
@@ -481,8 +486,7 @@ def _load_run(args):
     if "dataset" not in meta:
         raise ConfigError(f"{args.checkpoint} does not name its data set; it cannot be loaded")
     data = load_dataset(meta["dataset"], args.data_dir)
-    dynamic = data.kind == "grey" and vae.config.likelihood == "bernoulli"
-    return vae, meta, data, _test_set(data, dynamic, args.eval_limit)
+    return vae, meta, data, _test_set(data, _dynamic(data, vae.config.likelihood), args.eval_limit)
 
 
 def cmd_evaluate(args) -> int:
@@ -632,22 +636,18 @@ def _evaluate(vae, test, num_samples, progress) -> dict:
 def _summary(result) -> dict:
     return {
         "eval_samples": result["num_samples"],
-        "test_log_likelihood": _finite_mean(result["log_likelihood"]),
-        "test_elbo": _finite_mean(result["elbo"]),
-        "test_iwae": {str(k): _finite_mean(v) for k, v in result["iwae"].items()},
-        "test_ess": _finite_mean(result["ess"]),
-        "kl_per_layer": {site: _finite_mean(v) for site, v in sorted(result["kl"].items())},
-        "cross_entropy": {site: _finite_mean(v) for site, v in result["cross_entropy"].items()},
+        "test_log_likelihood": _mean(result["log_likelihood"]),
+        "test_elbo": _mean(result["elbo"]),
+        "test_iwae": {str(k): _mean(v) for k, v in result["iwae"].items()},
+        "test_ess": _mean(result["ess"]),
+        "kl_per_layer": {site: _mean(v) for site, v in sorted(result["kl"].items())},
+        "cross_entropy": {site: _mean(v) for site, v in result["cross_entropy"].items()},
     }
 
 
-def _finite_mean(values: torch.Tensor) -> float:
-    mean = values.double().mean().item()
-    if not math.isfinite(mean):
-        raise PyroLadderError(
-            f"evaluation produced a non-finite value ({mean}); the model is numerically broken"
-        )
-    return mean
+def _mean(values: torch.Tensor) -> float:
+    """Mean in float64; ``evaluate`` has refused non-finite values (NumericalError)."""
+    return values.double().mean().item()
 
 
 def _metrics(args, vae, result, epochs, warmup, train_seconds, num_test) -> dict:

@@ -98,8 +98,8 @@ def fit(
     optim = optimizer if optimizer is not None else Adam({"lr": lr})
     if warmup_epochs:
         model, guide = with_kl_weight(model), with_kl_weight(guide)
-    run = _Run(SVI(model, guide, optim, loss_fn), data, options, args, kwargs)
-    run.checkpoint, run.checkpoint_every = checkpoint, checkpoint_every
+    svi = SVI(model, guide, optim, loss_fn)
+    run = _Run(svi, data, options, args, kwargs, checkpoint, checkpoint_every)
     if resume is not None:
         run.restore(resume, epochs)
     return run.train(epochs, monitor, progress, callback, tensorboard)
@@ -113,13 +113,13 @@ class _Run:
     start of the current epoch: they redraw its binarization and order on resume.
     """
 
-    def __init__(self, svi, data, options, args, kwargs):
+    def __init__(self, svi, data, options, args, kwargs, checkpoint, checkpoint_every):
         self.svi, self.data, self.options = svi, data, options
         self.args, self.kwargs = args, kwargs
         self.steps = max(1, len(data) // options["batch_size"])
         self.epoch, self.step, self.total, self.seen = 0, 0, 0.0, 0
         self.seconds, self.history, self.epoch_rng = 0.0, [], None
-        self.checkpoint, self.checkpoint_every = None, None
+        self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
 
     def train(self, epochs, monitor, progress, callback, tensorboard) -> list[dict]:
         bar = tqdm(total=epochs * self.steps, disable=not progress, unit="step")
