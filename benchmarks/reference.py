@@ -211,15 +211,19 @@ class ReferenceLadder(nn.Module):
             param.grad = grad if param.grad is None else param.grad + grad
         return -(log_w.detach().logsumexp(0) - math.log(k)).sum().item()
 
+    def backward(self, x, estimator="elbo", k=1) -> float:
+        """Gradients of ``estimator`` (``elbo``, ``iwae``, ``iwae-dreg``) into ``.grad``;
+        returns the loss."""
+        if estimator == "iwae-dreg":
+            return self.dreg_backward(x, k)
+        value = self.elbo_loss(x) if estimator == "elbo" else self.iwae_loss(x, k)
+        value.backward()
+        return value.item()
+
     def train_step(self, optimizer, x, estimator="elbo", k=1) -> float:
         """One optimizer step of ``estimator`` (``elbo``, ``iwae``, ``iwae-dreg``)."""
         optimizer.zero_grad(set_to_none=True)
-        if estimator == "iwae-dreg":
-            loss = self.dreg_backward(x, k)
-        else:
-            value = self.elbo_loss(x) if estimator == "elbo" else self.iwae_loss(x, k)
-            value.backward()
-            loss = value.item()
+        loss = self.backward(x, estimator, k)
         optimizer.step()
         return loss
 

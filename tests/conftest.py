@@ -1,5 +1,8 @@
 import pyro
 import pytest
+import torch
+
+from pyro_ladder import LadderVAE
 
 
 @pytest.fixture(autouse=True)
@@ -9,3 +12,17 @@ def _fresh_pyro_state():
     pyro.set_rng_seed(0)
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture
+def vae():
+    """A small float64 ladder without batch norm, for exact estimator comparisons."""
+    torch.manual_seed(4)
+    return LadderVAE(6, (3, 2), (8, 4), batch_norm=False).double()
+
+
+@pytest.fixture
+def x():
+    """Five binary rows for :func:`vae` (a test module may define its own ``x``)."""
+    torch.manual_seed(5)
+    return torch.rand(5, 6, dtype=torch.float64).round()

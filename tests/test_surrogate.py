@@ -8,7 +8,7 @@ import torch
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from torch import nn
 
-from pyro_ladder import ESTIMATORS, LadderVAE, make_elbo
+from pyro_ladder import ESTIMATORS, make_elbo
 from pyro_ladder.elbo.surrogate import differentiable_loss
 
 # options that make the estimators differ from their special cases (outer=1 is IWAE, ...)
@@ -24,18 +24,6 @@ UNCOMPILED = {
     "jit-meanfield": TraceMeanField_ELBO,
     "jit-tracegraph": TraceGraph_ELBO,
 }
-
-
-@pytest.fixture
-def vae():
-    torch.manual_seed(4)
-    return LadderVAE(6, (3, 2), (8, 4), batch_norm=False).double()
-
-
-@pytest.fixture
-def x():
-    torch.manual_seed(5)
-    return torch.rand(5, 6, dtype=torch.float64).round()
 
 
 def _grads(module: nn.Module) -> list[torch.Tensor]:

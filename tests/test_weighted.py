@@ -9,18 +9,6 @@ from pyro.infer import RenyiELBO, Trace_ELBO
 from pyro_ladder import ConfigError, LadderVAE, make_elbo
 
 
-@pytest.fixture
-def vae():
-    torch.manual_seed(4)
-    return LadderVAE(6, (3, 2), (8, 4), batch_norm=False).double()
-
-
-@pytest.fixture
-def x():
-    torch.manual_seed(5)
-    return torch.rand(5, 6, dtype=torch.float64).round()
-
-
 def _loss_and_grads(elbo, vae, x, seed=3):
     vae.zero_grad(set_to_none=True)
     pyro.set_rng_seed(seed)
