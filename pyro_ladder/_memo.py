@@ -3,9 +3,11 @@
 The ladder's guide evaluates the prior networks ``p(z_i | z_{i+1})`` at its own samples
 and the model, replaying those samples, asks for the same values again; an estimator that
 runs the guide twice asks for the same bottom-up pass twice. :class:`Memo` hands back the
-first result when the second request comes with the *same tensor object*, and nothing the
+first result when the second request comes with the *same tensor object* (or, for a
+tensor with no autograd history such as data, a view of the same memory), and nothing the
 result depends on has changed since; otherwise it computes afresh, so correctness never
-rests on it. What "nothing changed" means:
+rests on it. An input may be a tuple of tensors (a sample and the condition ``c``).
+What "nothing changed" means:
 
 * the input has not been modified in place (its version counter);
 * the module's parameters and buffers are the same storages at the same versions (an
@@ -41,21 +43,29 @@ class Memo:
     def __init__(self):
         self._entries = {}
 
-    def call(self, key, module: nn.Module, inp: torch.Tensor, fn):
-        """``fn(inp)``, or the stored result of an identical earlier request under ``key``."""
+    def call(self, key, module: nn.Module, inp, fn):
+        """``fn(inp)``, or the stored result of an identical earlier request under ``key``.
+
+        ``inp`` is a tensor or a tuple of tensors (e.g. a sample and the condition ``c``).
+        A tensor counts as identical when it is the same object, or, when neither copy
+        requires a gradient, a view of the same memory at the same version (a condition
+        sliced afresh from the same packed data on every call).
+        """
+        inps = inp if isinstance(inp, tuple) else (inp,)
         entry = self._entries.get(key)
         if (
             entry is not None
-            and _same_memory(entry.inp, inp)
-            and entry.state == _state(module, inp)
+            and len(entry.inp) == len(inps)
+            and all(_same_memory(a, b) for a, b in zip(entry.inp, inps, strict=True))
+            and entry.state == _state(module, inps)
         ):
-            if entry.inp is inp and entry.fresh:
+            if entry.fresh and all(map(_identical, entry.inp, inps)):
                 entry.fresh = not entry.has_graph  # a graph is handed out once
                 return entry.result
-            if not _needs_grad(module, inp):
+            if not _needs_grad(module, inps):
                 return _map(torch.Tensor.detach, entry.result)
         result = fn(inp)
-        entry = self._entries[key] = _Entry(inp, _state(module, inp), result)
+        entry = self._entries[key] = _Entry(inps, _state(module, inps), result)
         _spend_on_backward(entry)
         return result
 
@@ -115,8 +125,13 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _needs_grad(module: nn.Module, inp: torch.Tensor) -> bool:
-    return inp.requires_grad or any(p.requires_grad for p in module.parameters())
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same object, or the same memory (checked before) with no autograd history."""
+    return a is b or not (a.requires_grad or b.requires_grad)
+
+
+def _needs_grad(module: nn.Module, inps: tuple) -> bool:
+    return any(t.requires_grad for t in inps) or any(p.requires_grad for p in module.parameters())
 
 
 def _map(fn, value):
@@ -133,15 +148,15 @@ def _leaves(value):
     return [t for item in value for t in _leaves(item)]
 
 
-def _state(module: nn.Module, inp: torch.Tensor) -> tuple:
-    """Everything a module's output at ``inp`` depends on besides the input's identity."""
+def _state(module: nn.Module, inps: tuple) -> tuple:
+    """Everything a module's output at ``inps`` depends on besides the inputs' identity."""
     modes, tensors = [], []
     for m in _submodules(module, []):
         modes.append(m.training)
         tensors.extend(t for t in m._parameters.values() if t is not None)
         tensors.extend(t for t in m._buffers.values() if t is not None)
     return (
-        None if inp.is_inference() else inp._version,
+        tuple(None if t.is_inference() else t._version for t in inps),
         tuple(modes),
         torch.is_grad_enabled(),
         torch.is_inference_mode_enabled(),

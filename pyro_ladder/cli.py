@@ -18,6 +18,7 @@ import torch
 from . import __version__
 from ._util import atomic_write, eval_mode
 from .checkpoint import load_checkpoint, load_training_checkpoint, save_checkpoint
+from .condition import pack
 from .config import INFERENCES, LIKELIHOODS, PRESETS, preset
 from .data import DATASETS, binarize, load_dataset
 from .diagnostics import active_units, kl_per_unit, mutual_information
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_report(sub)
+    _add_sample(sub)
     return parser
 
 
@@ -97,6 +99,13 @@ def _add_train(sub):
     p.add_argument("--latent-dims", type=_sizes, help="sizes of z1..zL, e.g. 64,32,16,8,4")
     p.add_argument("--hidden-dims", type=_sizes, help="MLP widths per layer, e.g. 512,256,128")
     p.add_argument("--inference", default="top-down", choices=INFERENCES)
+    p.add_argument(
+        "--condition",
+        choices=("label",),
+        default=None,
+        help="train a class-conditional model p(x | c) on a labelled data set: the one-hot "
+        "label enters the top prior and every network (default: unconditional)",
+    )
     p.add_argument(
         "--likelihood",
         choices=LIKELIHOODS,
@@ -239,6 +248,32 @@ def _add_report(sub):
     p.set_defaults(func=cmd_report)
 
 
+def _add_sample(sub):
+    p = sub.add_parser(
+        "sample",
+        help="draw images from a saved model (one row per class for a conditional model)",
+    )
+    p.add_argument("checkpoint", type=Path, help="checkpoint.pt written by `train`")
+    p.add_argument("--out", type=Path, required=True, help="the picture to write (.png, .pdf)")
+    p.add_argument(
+        "--num", type=_positive_int, default=64, help="images of an unconditional model (64)"
+    )
+    p.add_argument(
+        "--per-class",
+        type=_positive_int,
+        default=8,
+        help="images per class (one row each) of a conditional model (default 8)",
+    )
+    p.add_argument(
+        "--classes",
+        type=_labels,
+        default=None,
+        help="the classes to draw, e.g. 0,3,7 (default: every class)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
+
+
 def _add_data_dir(p):
     p.add_argument(
         "--data-dir",
@@ -264,15 +299,17 @@ def cmd_train(args) -> int:
         "seed": args.seed,
         "elbo": args.elbo,
         "particles": args.particles,
+        "condition": args.condition,
+        "image_shape": list(data.image_shape),
         "options": {k: getattr(args, k) for k in RESUMABLE},
     }
     return _train_and_finish(args, vae, data, test, meta, out, None)
 
 
 RESUMABLE = (
-    "dataset", "preset", "latent_dims", "hidden_dims", "inference", "likelihood", "elbo",
-    "particles", "epochs", "batch_size", "lr", "warmup_epochs", "batch_norm", "eval_samples",
-    "eval_limit", "seed", "checkpoint_every",
+    "dataset", "preset", "latent_dims", "hidden_dims", "inference", "condition", "likelihood",
+    "elbo", "particles", "epochs", "batch_size", "lr", "warmup_epochs", "batch_norm",
+    "eval_samples", "eval_limit", "seed", "checkpoint_every",
 )  # fmt: skip
 """The options of ``train`` stored in a run's checkpoint; ``--resume`` takes them from it."""
 
@@ -282,6 +319,8 @@ def _resume(args) -> int:
     out = args.resume
     vae, meta, training = load_training_checkpoint(out / "checkpoint.pt")
     stored = meta.get("options")
+    if isinstance(stored, dict):
+        stored = {"condition": None, **stored}  # runs saved before --condition existed
     if not isinstance(stored, dict) or set(stored) != set(RESUMABLE):
         raise ConfigError(f"{out}/checkpoint.pt does not record the options of its run")
     defaults = build_parser().parse_args(["train"])
@@ -319,8 +358,32 @@ def _model_for(args, data) -> LadderVAE:
     args.epochs = args.epochs or (200 if args.dataset == "digits" else 10)
     if args.warmup_epochs is None:
         args.warmup_epochs = args.epochs // 10
+    config = _config(args, data.x_dim, args.likelihood)
+    if args.condition == "label":
+        config = config.replace(condition_dim=_num_classes(args.dataset, data))
     pyro.set_rng_seed(args.seed)
-    return LadderVAE.from_config(_config(args, data.x_dim, args.likelihood))
+    return LadderVAE.from_config(config)
+
+
+def _num_classes(name: str, data) -> int:
+    """Classes of a labelled data set (labels 0 .. C-1), or a ConfigError without labels."""
+    if data.train_labels is None or data.test_labels is None:
+        labelled = ", ".join(DATASETS_WITH_LABELS)
+        raise ConfigError(
+            f"--condition label needs class labels, but {name} has none: choose a labelled "
+            f"data set ({labelled}) or drop --condition"
+        )
+    return int(max(data.train_labels.max(), data.test_labels.max())) + 1
+
+
+DATASETS_WITH_LABELS = ("digits", "mnist", "fashion-mnist")
+
+
+def _conditioned(vae, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """``x' = (x, one_hot(label))`` for a model conditioned on the label, else ``x``."""
+    if vae.condition_dim == 0:
+        return x
+    return pack(x, labels[: len(x)], vae.condition_dim)
 
 
 def _dynamic(data, likelihood: str) -> bool:
@@ -330,7 +393,7 @@ def _dynamic(data, likelihood: str) -> bool:
 
 def _checked_test_set(args, vae, data) -> torch.Tensor:
     """The test rows, after checking them and the training options against model and data."""
-    test = _test_set(data, _dynamic(data, args.likelihood), args.eval_limit)
+    test = _test_set(data, vae, _dynamic(data, args.likelihood), args.eval_limit)
     vae.check_data(test)
     check_fit_options(
         data.train, args.epochs, args.batch_size, args.lr, args.warmup_epochs, args.checkpoint_every
@@ -349,7 +412,7 @@ def _train_and_finish(args, vae, data, test, meta, out, resume) -> int:
         history = fit(
             vae.model,
             vae.guide,
-            data.train,
+            _conditioned(vae, data.train, data.train_labels),
             elbo=args.elbo,
             num_particles=args.particles,
             epochs=args.epochs,
@@ -430,8 +493,9 @@ def _train_distributed(args) -> int:
     vae = _model_for(args, data)
     epochs, warmup = args.epochs, args.warmup_epochs
     dynamic = _dynamic(data, args.likelihood)
-    test = _test_set(data, dynamic, args.eval_limit)
+    test = _test_set(data, vae, dynamic, args.eval_limit)
     vae.check_data(test)
+    train = _conditioned(vae, data.train, data.train_labels)
     trainer = make_trainer(
         devices=args.devices,
         num_nodes=args.num_nodes,
@@ -442,7 +506,7 @@ def _train_distributed(args) -> int:
         progress=args.progress,
         tensorboard=args.tensorboard,
     )
-    ShardedRows(data.train, args.batch_size).check(trainer.world_size)
+    ShardedRows(train, args.batch_size).check(trainer.world_size)
     if trainer.is_global_zero:
         print(
             f"training a {vae.depth}-layer {args.inference} model on {args.dataset} for {epochs} "
@@ -450,7 +514,7 @@ def _train_distributed(args) -> int:
             f"-> {_prepare_out(args)}"
         )
     history = fit_distributed(
-        vae.model, vae.guide, data.train, trainer=trainer, elbo=args.elbo,
+        vae.model, vae.guide, train, trainer=trainer, elbo=args.elbo,
         num_particles=args.particles, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
         warmup_epochs=warmup, seed=args.seed, binarize=dynamic, monitor=test[:500],
     )  # fmt: skip
@@ -458,6 +522,7 @@ def _train_distributed(args) -> int:
         return 0
     meta = {"dataset": args.dataset, "likelihood": args.likelihood, "epochs": epochs}
     meta.update(seed=args.seed, elbo=args.elbo, particles=args.particles)
+    meta.update(condition=args.condition, image_shape=list(data.image_shape))
     meta["processes"] = trainer.world_size
     return _finish_distributed(args, vae.cpu(), data, test, history, meta, warmup)
 
@@ -486,7 +551,8 @@ def _load_run(args):
     if "dataset" not in meta:
         raise ConfigError(f"{args.checkpoint} does not name its data set; it cannot be loaded")
     data = load_dataset(meta["dataset"], args.data_dir)
-    return vae, meta, data, _test_set(data, _dynamic(data, vae.config.likelihood), args.eval_limit)
+    test = _test_set(data, vae, _dynamic(data, vae.config.likelihood), args.eval_limit)
+    return vae, meta, data, test
 
 
 def cmd_evaluate(args) -> int:
@@ -614,12 +680,13 @@ def _config(args, x_dim, likelihood):
     return preset(name, x_dim, **overrides)
 
 
-def _test_set(data, dynamic: bool, limit: int | None) -> torch.Tensor:
-    """Test rows; grey images are binarized once with a fixed seed so runs compare."""
+def _test_set(data, vae, dynamic: bool, limit: int | None) -> torch.Tensor:
+    """Test rows; grey images are binarized once with a fixed seed so runs compare (the
+    label is packed beside them afterwards, so a conditional run scores the same images)."""
     test = data.test if limit is None else data.test[:limit]
     if dynamic:
         test = binarize(test, generator=torch.Generator().manual_seed(0))
-    return test
+    return _conditioned(vae, test, data.test_labels)
 
 
 def _evaluate(vae, test, num_samples, progress) -> dict:
@@ -654,6 +721,7 @@ def _metrics(args, vae, result, epochs, warmup, train_seconds, num_test) -> dict
     return {
         "dataset": args.dataset,
         "inference": args.inference,
+        "condition": getattr(args, "condition", None),
         "likelihood": vae.config.likelihood,
         "elbo": args.elbo,
         "particles": args.particles,
@@ -718,11 +786,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _write_pictures(out, vae, test, image_shape, history) -> None:
     """samples.png, reconstructions.png, and curves.png when there is a history."""
-    save_figure(
-        image_grid(vae.sample(64), image_shape, 8, "samples from the prior"), out / "samples.png"
-    )
+    save_figure(_samples_figure(vae, image_shape, 64, 8, None), out / "samples.png")
     originals = test[:32]
-    pairs = torch.stack([originals, vae.reconstruct(originals)], 1).reshape(64, -1)
+    pixels = vae.split(originals)[0]
+    pairs = torch.stack([pixels, vae.reconstruct(originals)], 1).reshape(64, -1)
     save_figure(
         image_grid(pairs, image_shape, 8, "test image (left) and its reconstruction (right)"),
         out / "reconstructions.png",
@@ -731,10 +798,53 @@ def _write_pictures(out, vae, test, image_shape, history) -> None:
         save_figure(training_curves(history), out / "curves.png")
 
 
+def _samples_figure(vae, image_shape, num: int, per_class: int, classes):
+    """``num`` draws of an unconditional model, or ``per_class`` draws of each class of a
+    conditional one, a row per class (``classes``: which; default all)."""
+    if vae.condition_dim == 0:
+        return image_grid(vae.sample(num), image_shape, min(num, 8), "samples from the prior")
+    classes = list(range(vae.condition_dim)) if classes is None else list(classes)
+    bad = [k for k in classes if not 0 <= k < vae.condition_dim]
+    if bad:
+        raise ConfigError(
+            f"--classes {bad} are not classes of this model: it knows {vae.condition_dim} "
+            f"classes, 0 to {vae.condition_dim - 1}"
+        )
+    labels = torch.tensor(classes).repeat_interleave(per_class)  # (rows * per_class,)
+    return image_grid(
+        vae.sample(len(labels), labels),
+        image_shape,
+        per_class,
+        "samples from p(x | c), one row per class c",
+        row_labels=[str(k) for k in classes],
+    )
+
+
+def cmd_sample(args) -> int:
+    vae, meta = load_checkpoint(args.checkpoint)
+    shape = meta.get("image_shape")
+    if shape is None:  # runs saved before the shape was recorded: ask the data set
+        if "dataset" not in meta:
+            raise ConfigError(f"{args.checkpoint} records neither its data set nor image shape")
+        shape = load_dataset(meta["dataset"]).image_shape
+    if vae.condition_dim == 0 and args.classes is not None:
+        raise ConfigError("--classes needs a conditional model (trained with --condition label)")
+    pyro.set_rng_seed(args.seed)
+    figure = _samples_figure(vae, tuple(shape), args.num, args.per_class, args.classes)
+    try:
+        save_figure(figure, args.out)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot write --out {args.out}: {err}") from None
+    rows = "one row per class" if vae.condition_dim else f"{args.num} images"
+    print(f"wrote {args.out} ({rows})")
+    return 0
+
+
 def _print_result(metrics: dict, out: Path) -> None:
+    given = " | c" if metrics.get("condition") else ""
     print(
         f"test log-likelihood (K={metrics['eval_samples']}): "
-        f"{metrics['test_log_likelihood']:.2f} nats  [log p(x), higher is better]"
+        f"{metrics['test_log_likelihood']:.2f} nats  [log p(x{given}), higher is better]"
     )
     print(
         f"test ELBO: {metrics['test_elbo']:.2f} nats   train time: {metrics['train_seconds']:.0f} s"
@@ -767,6 +877,18 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _labels(text: str) -> tuple[int, ...]:
+    try:
+        labels = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of class numbers, e.g. 0,3,7"
+        ) from None
+    if min(labels) < 0:
+        raise argparse.ArgumentTypeError(f"classes are numbers >= 0, got {text!r}")
+    return labels
 
 
 def _nonnegative_int(text: str) -> int:

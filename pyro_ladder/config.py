@@ -18,8 +18,9 @@ class LadderConfig:
 
     ``latent_dims[i]`` and ``hidden_dims[i]`` belong to stochastic layer ``i + 1``: the
     deterministic block below ``z{i+1}`` has ``hidden_dims[i]`` units and ``z{i+1}`` has
-    ``latent_dims[i]`` dimensions. Build one with :meth:`from_dict` (rejects unknown keys)
-    or :func:`preset`.
+    ``latent_dims[i]`` dimensions. ``condition_dim > 0`` makes the model conditional
+    (see :class:`~pyro_ladder.vae.LadderVAE`). Build one with :meth:`from_dict` (rejects
+    unknown keys) or :func:`preset`.
     """
 
     x_dim: int  # pixels per image: the size of the observed vector x
@@ -30,6 +31,7 @@ class LadderConfig:
     batch_norm: bool = True  # the paper reports BN as essential for deep ladders
     var_floor: float = 1e-4  # added to softplus variances: keeps precisions finite
     leaky_slope: float = 0.1  # slope of the leaky ReLU in every MLP
+    condition_dim: int = 0  # size of c in p(z | c) p(x | z, c), e.g. the classes; 0: none
 
     def __post_init__(self):
         _check_positive("x_dim", (self.x_dim,))
@@ -45,6 +47,13 @@ class LadderConfig:
             )
         _check_choice("likelihood", self.likelihood, LIKELIHOODS)
         _check_choice("inference", self.inference, INFERENCES)
+        c = self.condition_dim
+        if not isinstance(c, numbers.Integral) or isinstance(c, bool) or c < 0:
+            raise ConfigError(
+                f"condition_dim must be an integer >= 0 (0: unconditional; the number of "
+                f"classes for a class label), got {c!r}"
+            )
+        object.__setattr__(self, "condition_dim", int(c))
         if not self.var_floor > 0:
             raise ConfigError(f"var_floor must be > 0, got {self.var_floor}")
 

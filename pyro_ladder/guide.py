@@ -9,7 +9,7 @@ from torch import nn
 
 from ._memo import Memo
 from .config import LadderConfig
-from .layers import MLP, GaussianBlock, GaussianHead
+from .layers import MLP, GaussianBlock, GaussianHead, broadcast_cat
 from .merge import precision_weighted
 from .model import Generative
 
@@ -21,7 +21,8 @@ class TopDownInference(nn.Module):
     ``(mu_hat_n, sigma_hat_n)``. Downward pass: ``z_L ~ N(mu_hat_L, sigma_hat_L^2)`` and
     each lower ``z_i`` from :func:`~pyro_ladder.merge.precision_weighted` of its head with
     the generative prior ``p(z_i | z_{i+1})`` at the sampled ``z_{i+1}``. The prior
-    networks are the model's own (shared parameters), as in the paper.
+    networks are the model's own (shared parameters), as in the paper. A conditional
+    model (``config.condition_dim = C > 0``) gives every upward block ``[d_{n-1}, c]``.
 
     References
     ----------
@@ -33,7 +34,7 @@ class TopDownInference(nn.Module):
         c = config
         inputs = (c.x_dim,) + c.hidden_dims[:-1]
         self.blocks = nn.ModuleList(
-            MLP(d_in, h, c.batch_norm, c.leaky_slope)
+            MLP(d_in + c.condition_dim, h, c.batch_norm, c.leaky_slope)
             for d_in, h in zip(inputs, c.hidden_dims, strict=True)
         )
         self.heads = nn.ModuleList(
@@ -42,27 +43,33 @@ class TopDownInference(nn.Module):
         )
         self._memo = Memo()
 
-    def upward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def upward(
+        self, x: torch.Tensor, c: torch.Tensor | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The "approximate likelihood" ``(mu_hat_n, sigma_hat_n)`` for n = 1..L, each (B, k_n)."""
         out, d = [], x
         for block, head in zip(self.blocks, self.heads, strict=True):
-            d = block(d)  # (B, h_n)
+            d = block(d if c is None else broadcast_cat(d, c))  # (B, h_n)
             out.append(head(d))
         return out
 
-    def guide(self, x: torch.Tensor, generative: Generative) -> None:
-        """Sample ``z{L}`` .. ``z1`` given ``x (B, x_dim)``, inside ``plate("data")``.
+    def guide(self, x: torch.Tensor, generative: Generative, c: torch.Tensor | None = None) -> None:
+        """Sample ``z{L}`` .. ``z1`` given ``x (B, x_dim)`` [and ``c (B, C)``], inside
+        ``plate("data")``.
 
         The upward pass does not depend on the samples: an estimator that runs the guide
         twice on the same ``x`` (e.g. ``iwae-dreg``) gets it once (see ``pyro_ladder._memo``).
         """
-        heads = self._memo.call("upward", self, x, self.upward)
+        if c is None:
+            heads = self._memo.call("upward", self, x, self.upward)
+        else:
+            heads = self._memo.call("upward", self, (x, c), lambda _: self.upward(x, c))
         depth = len(heads)
         with pyro.plate("data", x.shape[0], dim=-1):
             loc, scale = heads[-1]
             z = pyro.sample(f"z{depth}", dist.Normal(loc, scale).to_event(1))  # (..., B, k_L)
             for i in range(depth - 1, 0, -1):
-                loc, scale = precision_weighted(*generative.prior(i, z), *heads[i - 1])
+                loc, scale = precision_weighted(*generative.prior(i, z, c), *heads[i - 1])
                 z = pyro.sample(f"z{i}", dist.Normal(loc, scale).to_event(1))  # (..., B, k_i)
 
 
@@ -71,7 +78,8 @@ class BottomUpInference(nn.Module):
 
     Each conditional is ``N(mu(y), sigma^2(y))`` with ``d = MLP(y)``. Sites are sampled
     ``z1`` first, the reverse of the model's order; analytic-KL estimators that need the
-    two orders to agree (``TraceMeanField_ELBO``) do not apply to this guide.
+    two orders to agree (``TraceMeanField_ELBO``) do not apply to this guide. A conditional
+    model (``config.condition_dim = C > 0``) gives every block ``[y, c]``.
     """
 
     def __init__(self, config: LadderConfig):
@@ -80,16 +88,19 @@ class BottomUpInference(nn.Module):
         inputs = (c.x_dim,) + c.latent_dims[:-1]
         kw = dict(batch_norm=c.batch_norm, slope=c.leaky_slope, var_floor=c.var_floor)
         self.blocks = nn.ModuleList(
-            GaussianBlock(d_in, h, k, **kw)
+            GaussianBlock(d_in + c.condition_dim, h, k, **kw)
             for d_in, h, k in zip(inputs, c.hidden_dims, c.latent_dims, strict=True)
         )
 
-    def guide(self, x: torch.Tensor, generative: Generative | None = None) -> None:
-        """Sample ``z1`` .. ``z{L}`` given ``x (B, x_dim)``; ``generative`` is unused."""
+    def guide(
+        self, x: torch.Tensor, generative: Generative | None = None, c: torch.Tensor | None = None
+    ) -> None:
+        """Sample ``z1`` .. ``z{L}`` given ``x (B, x_dim)`` [and ``c (B, C)``];
+        ``generative`` is unused."""
         with pyro.plate("data", x.shape[0], dim=-1):
             z = x
             for i, block in enumerate(self.blocks, start=1):
-                loc, scale = block(z)
+                loc, scale = block(z if c is None else broadcast_cat(z, c))
                 z = pyro.sample(f"z{i}", dist.Normal(loc, scale).to_event(1))  # (..., B, k_i)
 
 

@@ -9,14 +9,20 @@ import matplotlib
 import matplotlib.pyplot as plt
 import torch
 
+from ._util import atomic_write
+
 
 def image_grid(
     images: torch.Tensor,
     image_shape: tuple[int, int],
     ncols: int | None = None,
     title: str | None = None,
+    row_labels: list[str] | None = None,
 ):
-    """A matplotlib figure showing ``images (N, H*W)`` as a grid of grey ``(H, W)`` tiles."""
+    """A matplotlib figure showing ``images (N, H*W)`` as a grid of grey ``(H, W)`` tiles.
+
+    :param row_labels: a label at the left of each row (e.g. the class drawn in that row).
+    """
     images = images.detach().cpu().reshape(-1, *image_shape)  # (N, H, W)
     n = images.shape[0]
     ncols = ncols or math.ceil(math.sqrt(n))
@@ -29,7 +35,14 @@ def image_grid(
     fig, ax = plt.subplots(figsize=(ncols * w / 12 + 0.5, nrows * h / 12 + 0.5))
     cmap = matplotlib.colormaps["gray_r"].with_extremes(bad="#c8d3e0")  # NaN gutters: pale blue
     ax.imshow(canvas.numpy(), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_axis_off()
+    if row_labels is None:
+        ax.set_axis_off()
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(len(row_labels))], row_labels)
+        ax.tick_params(left=False)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -37,10 +50,16 @@ def image_grid(
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Save ``fig`` as a PNG at ``path`` and close it."""
+    """Save ``fig`` at ``path`` in the format its suffix names (PNG without one), close it.
+
+    The file is written whole or not at all (a temporary file renamed into place).
+    """
     path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fmt = path.suffix[1:].lower() or "png"
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=100, format=fmt))
+    finally:
+        plt.close(fig)
     return path
 
 

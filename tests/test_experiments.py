@@ -59,3 +59,15 @@ def test_discrete_layers_smoke(tmp_path):
             assert set(row["gradient"]) == set(experiment.GROUPS)
     for name in ("data", "joint", "conditional_marginals", "marginals", "curves", "gradients"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+def test_conditional_digits_smoke(tmp_path):
+    experiment = _load("conditional_digits")
+    result = experiment.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["models"]) == list(experiment.MODELS) == list(result["models"])
+    for name, row in saved["models"].items():
+        assert row["elbo"] <= row["log_likelihood"] + 1e-6 < 0
+        assert 0.0 <= row["samples_read_as_asked"] <= 1.0
+        assert ("classifier_accuracy" in row) == ("| c" in name)
+    assert (tmp_path / "samples.png").stat().st_size > 0

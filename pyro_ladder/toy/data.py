@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from .. import condition
 from ..errors import ConfigError
 
 
@@ -134,13 +135,12 @@ class ToyData:
 
 def pack(x: torch.Tensor, c: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``x (N, 2)``, ``c (N,)`` -> ``x' = (x, one_hot(c))``: ``(N, 2 + C)``."""
-    onehot = torch.nn.functional.one_hot(c, num_classes).to(x.dtype)
-    return torch.cat([x, onehot], -1)
+    return condition.pack(x, c, num_classes)
 
 
 def unpack(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x' (..., 2 + C)`` -> ``(x (..., 2), one_hot(c) (..., C))``."""
-    return inputs[..., :2], inputs[..., 2:]
+    return condition.unpack(inputs, 2)
 
 
 def _unit(turns: torch.Tensor) -> torch.Tensor:
