@@ -14,7 +14,7 @@ Reports per model:
 
 Writes results.json and samples.png (one row per class) into --out.
 
-    python experiments/conditional_digits.py --out docs/results/conditional   # ~5 min
+    python experiments/conditional_digits.py --out docs/results/conditional   # 3 x ~45 s training
     python experiments/conditional_digits.py --quick --out /tmp/conditional   # seconds
 """
 

@@ -4,7 +4,8 @@ Building blocks for new model/guide pairs: :class:`MLP`, :class:`GaussianHead`,
 :class:`GaussianBlock` and :func:`broadcast_cat` (networks), :func:`precision_weighted` (the
 ladder's merge), :class:`BernoulliLikelihood` / :class:`GaussianLikelihood` (``p(x | z1)``)
 and :class:`LatentWeight` (KL warm-up for any pair); ``examples/custom_pair.py`` builds a
-pair from them.
+pair from them. ``LadderVAE(..., condition_dim=C)`` is a class-conditional ladder; its data
+are packed ``x' = (x, c)`` by :func:`pyro_ladder.condition.pack`.
 """
 
 from .config import PRESETS, LadderConfig, preset

@@ -596,6 +596,7 @@ def cmd_report(args) -> int:
         "checkpoint": str(args.checkpoint),
         "dataset": meta["dataset"],
         "num_test": len(test),
+        "condition": meta.get("condition"),
         **summary,
         "config": vae.config.to_dict(),
     }
@@ -623,16 +624,19 @@ def _report_markdown(report: dict, figures: list) -> str:
         f"/{report['units'][site]} | {report['mutual_information'][site]:.3f} |"
         for site in sorted(report["kl_per_layer"], key=lambda s: int(s[1:]))
     ]
+    given = " | c" if report.get("condition") else ""
     lines = [
         f"# Report: {report['checkpoint']}",
         "",
-        f"{report['config']['inference']} model, {len(rows)} stochastic layers, data set "
-        f"{report['dataset']}, {report['num_test']} test images.",
+        f"{report['config']['inference']} model, {len(rows)} stochastic layers"
+        + (", conditioned on the class label" if given else "")
+        + f", data set {report['dataset']}, {report['num_test']} test images.",
         "",
         "- negative ELBO per variable (seed 004's decomposition): "
         + ", ".join(f"cross-entropy of {k} {v:.3f}" for k, v in report["cross_entropy"].items())
         + " nats, plus the KL column below",
-        f"- test log p(x) (K={report['eval_samples']}): **{report['test_log_likelihood']:.3f}**"
+        f"- test log p(x{given}) (K={report['eval_samples']}): "
+        f"**{report['test_log_likelihood']:.3f}**"
         " nats (higher is better)",
         f"- test ELBO: {report['test_elbo']:.3f} nats; mean effective sample size "
         f"{report['test_ess']:.1f} of {report['eval_samples']}",

@@ -151,9 +151,9 @@ class LadderVAE(nn.Module):
         self._checked(x, c)
 
     def _checked(self, x, c):
-        if torch.jit.is_tracing():  # data were checked on the first, untraced call
-            return unpack(x, self.config.x_dim) if self.condition_dim and c is None else (x, c)
         x, c = self.split(x, c)
+        if torch.jit.is_tracing():  # the values were checked on the first, untraced call
+            return x, c
         self.generative.likelihood.check(x)
         if c is not None and not torch.isfinite(c).all():
             raise DataError("the condition c holds NaN or infinite values: clean those rows")

@@ -10,7 +10,7 @@ from pyro import poutine
 from sklearn.linear_model import LogisticRegression
 
 from pyro_ladder import ConfigError, DataError, LadderVAE, evaluate, fit, make_elbo
-from pyro_ladder.checkpoint import load_checkpoint
+from pyro_ladder.checkpoint import load_checkpoint, load_training_checkpoint, save_checkpoint
 from pyro_ladder.cli import main
 from pyro_ladder.condition import one_hot, pack, unpack
 from pyro_ladder.data import load_dataset
@@ -203,10 +203,29 @@ def test_cli_trains_a_conditional_model_and_samples_a_row_per_class(tmp_path, ca
         ["sample", str(run / "checkpoint.pt"), "--out", str(png), "--classes", "12"], capsys
     )
     assert status == 2 and "0 to 9" in err and len(err.strip().splitlines()) == 1
-    # resuming takes --condition from the run and refuses to drop it
+    report = tmp_path / "report"
+    status, _, err = _cli(
+        ["report", str(run / "checkpoint.pt"), "--out", str(report), "--num-samples", "10",
+         "--eval-limit", "40", "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert status == 0, err
+    assert "test log p(x | c)" in (report / "report.md").read_text()
+    # resuming takes --condition from the run
     status, _, err = _cli(["train", "--resume", str(run), "--epochs", "3"], capsys)
     assert status == 0, err
     assert load_checkpoint(run / "checkpoint.pt")[0].condition_dim == 10
+
+
+def test_a_run_saved_before_condition_existed_still_resumes(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _cli(["train", *FAST, "--no-progress", "--out", str(run)], capsys)[0] == 0
+    vae, meta, training = load_training_checkpoint(run / "checkpoint.pt")
+    del meta["options"]["condition"]  # what an older release wrote
+    save_checkpoint(run / "checkpoint.pt", vae, meta, training=training)
+    status, out, err = _cli(["train", "--resume", str(run), "--epochs", "3"], capsys)
+    assert status == 0, err
+    assert "log p(x)" in out and load_checkpoint(run / "checkpoint.pt")[0].condition_dim == 0
 
 
 def test_cli_sample_of_an_unconditional_model(tmp_path, capsys):
