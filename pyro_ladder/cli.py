@@ -725,7 +725,7 @@ def _metrics(args, vae, result, epochs, warmup, train_seconds, num_test) -> dict
     return {
         "dataset": args.dataset,
         "inference": args.inference,
-        "condition": getattr(args, "condition", None),
+        "condition": args.condition,
         "likelihood": vae.config.likelihood,
         "elbo": args.elbo,
         "particles": args.particles,
