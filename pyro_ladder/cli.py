@@ -1,5 +1,5 @@
-"""``pyro-ladder train | evaluate``: the command line turns options into a config and calls
-the library. Bad input ends with one line on stderr and exit status 2."""
+"""``pyro-ladder train | evaluate | report | sample``: the command line turns options into a
+config and calls the library. Bad input ends with one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
