@@ -270,6 +270,7 @@ def _add_sample(sub):
         default=None,
         help="the classes to draw, e.g. 0,3,7 (default: every class)",
     )
+    _add_data_dir(p)  # only for runs saved before the image shape was recorded
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
 
@@ -830,7 +831,7 @@ def cmd_sample(args) -> int:
     if shape is None:  # runs saved before the shape was recorded: ask the data set
         if "dataset" not in meta:
             raise ConfigError(f"{args.checkpoint} records neither its data set nor image shape")
-        shape = load_dataset(meta["dataset"]).image_shape
+        shape = load_dataset(meta["dataset"], args.data_dir).image_shape
     if vae.condition_dim == 0 and args.classes is not None:
         raise ConfigError("--classes needs a conditional model (trained with --condition label)")
     pyro.set_rng_seed(args.seed)

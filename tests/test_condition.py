@@ -234,6 +234,11 @@ def test_cli_sample_of_an_unconditional_model(tmp_path, capsys):
     png = tmp_path / "s.png"
     status, out, _ = _cli(["sample", str(run / "checkpoint.pt"), "--out", str(png)], capsys)
     assert status == 0 and png.stat().st_size > 0 and "64 images" in out
+    vae, meta = load_checkpoint(run / "checkpoint.pt")
+    del meta["image_shape"]  # a run saved before the shape was recorded: asks the data set
+    save_checkpoint(tmp_path / "old.pt", vae, meta)
+    status, _, err = _cli(["sample", str(tmp_path / "old.pt"), "--out", str(png)], capsys)
+    assert status == 0, err
     status, _, err = _cli(
         ["sample", str(run / "checkpoint.pt"), "--out", str(png), "--classes", "1"], capsys
     )
