@@ -8,10 +8,10 @@ import pytest
 import torch
 from pyro import poutine
 from sklearn.linear_model import LogisticRegression
+from test_cli import _run  # the CLI in-process: (status, stdout, stderr)
 
 from pyro_ladder import ConfigError, DataError, LadderVAE, evaluate, fit, make_elbo
 from pyro_ladder.checkpoint import load_checkpoint, load_training_checkpoint, save_checkpoint
-from pyro_ladder.cli import main
 from pyro_ladder.condition import one_hot, pack, unpack
 from pyro_ladder.data import load_dataset
 
@@ -171,21 +171,12 @@ def test_a_conditional_model_samples_the_class_it_is_asked_for():
     assert min(per_class) >= 0.6, per_class
 
 
-def _cli(argv, capsys):
-    try:
-        status = main(argv)
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
 FAST = ["--preset", "small", "--epochs", "2", "--eval-samples", "10", "--eval-limit", "40"]
 
 
 def test_cli_trains_a_conditional_model_and_samples_a_row_per_class(tmp_path, capsys):
     run = tmp_path / "run"
-    status, out, err = _cli(
+    status, out, err = _run(
         ["train", *FAST, "--condition", "label", "--no-progress", "--out", str(run)], capsys
     )
     assert status == 0, err
@@ -195,16 +186,16 @@ def test_cli_trains_a_conditional_model_and_samples_a_row_per_class(tmp_path, ca
     vae, meta = load_checkpoint(run / "checkpoint.pt")
     assert vae.condition_dim == 10 and meta["options"]["condition"] == "label"
     png = tmp_path / "grid.png"
-    status, out, err = _cli(
+    status, out, err = _run(
         ["sample", str(run / "checkpoint.pt"), "--out", str(png), "--classes", "2,5"], capsys
     )
     assert status == 0 and png.stat().st_size > 0 and "one row per class" in out
-    status, _, err = _cli(
+    status, _, err = _run(
         ["sample", str(run / "checkpoint.pt"), "--out", str(png), "--classes", "12"], capsys
     )
     assert status == 2 and "0 to 9" in err and len(err.strip().splitlines()) == 1
     report = tmp_path / "report"
-    status, _, err = _cli(
+    status, _, err = _run(
         ["report", str(run / "checkpoint.pt"), "--out", str(report), "--num-samples", "10",
          "--eval-limit", "40", "--no-progress"],
         capsys,
@@ -212,34 +203,34 @@ def test_cli_trains_a_conditional_model_and_samples_a_row_per_class(tmp_path, ca
     assert status == 0, err
     assert "test log p(x | c)" in (report / "report.md").read_text()
     # resuming takes --condition from the run
-    status, _, err = _cli(["train", "--resume", str(run), "--epochs", "3"], capsys)
+    status, _, err = _run(["train", "--resume", str(run), "--epochs", "3"], capsys)
     assert status == 0, err
     assert load_checkpoint(run / "checkpoint.pt")[0].condition_dim == 10
 
 
 def test_a_run_saved_before_condition_existed_still_resumes(tmp_path, capsys):
     run = tmp_path / "run"
-    assert _cli(["train", *FAST, "--no-progress", "--out", str(run)], capsys)[0] == 0
+    assert _run(["train", *FAST, "--no-progress", "--out", str(run)], capsys)[0] == 0
     vae, meta, training = load_training_checkpoint(run / "checkpoint.pt")
     del meta["options"]["condition"]  # what an older release wrote
     save_checkpoint(run / "checkpoint.pt", vae, meta, training=training)
-    status, out, err = _cli(["train", "--resume", str(run), "--epochs", "3"], capsys)
+    status, out, err = _run(["train", "--resume", str(run), "--epochs", "3"], capsys)
     assert status == 0, err
     assert "log p(x)" in out and load_checkpoint(run / "checkpoint.pt")[0].condition_dim == 0
 
 
 def test_cli_sample_of_an_unconditional_model(tmp_path, capsys):
     run = tmp_path / "run"
-    assert _cli(["train", *FAST, "--no-progress", "--out", str(run)], capsys)[0] == 0
+    assert _run(["train", *FAST, "--no-progress", "--out", str(run)], capsys)[0] == 0
     png = tmp_path / "s.png"
-    status, out, _ = _cli(["sample", str(run / "checkpoint.pt"), "--out", str(png)], capsys)
+    status, out, _ = _run(["sample", str(run / "checkpoint.pt"), "--out", str(png)], capsys)
     assert status == 0 and png.stat().st_size > 0 and "64 images" in out
     vae, meta = load_checkpoint(run / "checkpoint.pt")
     del meta["image_shape"]  # a run saved before the shape was recorded: asks the data set
     save_checkpoint(tmp_path / "old.pt", vae, meta)
-    status, _, err = _cli(["sample", str(tmp_path / "old.pt"), "--out", str(png)], capsys)
+    status, _, err = _run(["sample", str(tmp_path / "old.pt"), "--out", str(png)], capsys)
     assert status == 0, err
-    status, _, err = _cli(
+    status, _, err = _run(
         ["sample", str(run / "checkpoint.pt"), "--out", str(png), "--classes", "1"], capsys
     )
     assert status == 2 and "--condition label" in err
@@ -248,7 +239,7 @@ def test_cli_sample_of_an_unconditional_model(tmp_path, capsys):
 def test_cli_refuses_condition_on_unlabelled_data_before_writing(tmp_path, capsys):
     shared = Path(__file__).resolve().parents[2] / "shared" / "data"
     out = tmp_path / "run"
-    status, _, err = _cli(
+    status, _, err = _run(
         ["train", "--dataset", "binarized-mnist", "--data-dir", str(shared), "--condition",
          "label", "--out", str(out)],
         capsys,
