@@ -862,14 +862,19 @@ def _print_result(metrics: dict, out: Path) -> None:
     )
 
 
-def _sizes(text: str) -> tuple[int, ...]:
+def _int_list(text: str, what: str, example: str) -> tuple[int, ...]:
+    """``"64,32,16"`` -> ``(64, 32, 16)`` (never empty: ``int("")`` fails)."""
     try:
-        sizes = tuple(int(t) for t in text.split(","))
+        return tuple(int(t) for t in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of integers, e.g. 64,32,16"
+            f"{text!r} is not a comma-separated list of {what}, e.g. {example}"
         ) from None
-    if not sizes or min(sizes) <= 0:
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    sizes = _int_list(text, "integers", "64,32,16")
+    if min(sizes) <= 0:
         raise argparse.ArgumentTypeError(f"sizes must be positive integers, got {text!r}")
     return sizes
 
@@ -885,12 +890,7 @@ def _positive_int(text: str) -> int:
 
 
 def _labels(text: str) -> tuple[int, ...]:
-    try:
-        labels = tuple(int(t) for t in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of class numbers, e.g. 0,3,7"
-        ) from None
+    labels = _int_list(text, "class numbers", "0,3,7")
     if min(labels) < 0:
         raise argparse.ArgumentTypeError(f"classes are numbers >= 0, got {text!r}")
     return labels
