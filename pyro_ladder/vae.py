@@ -170,13 +170,13 @@ class LadderVAE(nn.Module):
         """
         with eval_mode(self):
             like = next(self.parameters()).new_empty(0)
-            if (c is None) != (self.condition_dim == 0):
+            if c is None and self.condition_dim:
                 raise ConfigError(
                     f"this model is conditional (condition_dim={self.condition_dim}): pass the "
                     "classes to draw, e.g. vae.sample(8, c=3) or vae.sample(10, torch.arange(10))"
-                    if c is None
-                    else "this model is unconditional: call sample(num) without c"
                 )
+            if c is not None and not self.condition_dim:
+                raise ConfigError("this model is unconditional: call sample(num) without c")
             if c is None:
                 z = self.generative.top_prior(like).sample((num,))
             else:
