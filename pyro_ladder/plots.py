@@ -18,12 +18,25 @@ def image_grid(
     ncols: int | None = None,
     title: str | None = None,
     row_labels: list[str] | None = None,
+    ink: bool | None = None,
 ):
     """A matplotlib figure showing ``images (N, H*W)`` as a grid of grey ``(H, W)`` tiles.
 
+    Pixel values are read on ``[0, 1]``. Two ways to draw them:
+
+    - as published (``ink=False``): 0 black, 1 white, how grey photographs and MNIST are
+      stored, so a face keeps its dark eyes;
+    - ink on paper (``ink=True``): 0 white, 1 black, the usual look of binary digits.
+
     :param row_labels: a label at the left of each row (e.g. the class drawn in that row).
+    :param ink: ``None`` (default) chooses from ``images``: ink on paper when every value is
+        0 or 1 (binary data), as published otherwise. Pixel means of a Bernoulli model are
+        not binary, so a caller drawing samples or reconstructions of a binary data set
+        passes ``ink=True`` to match the data's look (see :func:`is_binary`).
     """
     images = images.detach().cpu().reshape(-1, *image_shape)  # (N, H, W)
+    if ink is None:
+        ink = is_binary(images)
     n = images.shape[0]
     ncols = ncols or math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
@@ -33,20 +46,32 @@ def image_grid(
         r, c = divmod(i, ncols)
         canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = images[i]
     fig, ax = plt.subplots(figsize=(ncols * w / 12 + 0.5, nrows * h / 12 + 0.5))
-    cmap = matplotlib.colormaps["gray_r"].with_extremes(bad="#c8d3e0")  # NaN gutters: pale blue
+    cmap = matplotlib.colormaps["gray_r" if ink else "gray"]
+    cmap = cmap.with_extremes(bad="#c8d3e0")  # NaN gutters: pale blue, unlike either end
     ax.imshow(canvas.numpy(), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
-    if row_labels is None:
-        ax.set_axis_off()
-    else:
-        ax.set_xticks([])
-        ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(len(row_labels))], row_labels)
-        ax.tick_params(left=False)
-        for spine in ax.spines.values():
-            spine.set_visible(False)
+    _label_rows(ax, row_labels, h)
     if title:
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def is_binary(images: torch.Tensor) -> bool:
+    """Whether every value of ``images`` (any shape) is exactly 0 or 1: binary data, which
+    :func:`image_grid` draws as ink on paper by default."""
+    return bool(((images == 0) | (images == 1)).all())
+
+
+def _label_rows(ax, row_labels: list[str] | None, h: int) -> None:
+    """No axes at all, or only the row labels at the left (tiles are ``h`` pixels high)."""
+    if row_labels is None:
+        ax.set_axis_off()
+        return
+    ax.set_xticks([])
+    ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(len(row_labels))], row_labels)
+    ax.tick_params(left=False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
 
 
 def save_figure(fig, path: str | Path) -> Path:
