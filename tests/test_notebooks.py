@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from jupyter_client.manager import AsyncKernelManager, KernelManager
 from nbclient import NotebookClient
 from traitlets import default
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(path.name for path in NOTEBOOK_DIR.glob("*.ipynb"))
 KERNEL_NAME = "python3"
 CELL_TIMEOUT_S = 300
@@ -69,6 +71,22 @@ def _outputs(nb):
             yield from cell.outputs
 
 
+def _repository_files() -> set[str]:
+    """Files a user would see appear: untracked and not ignored (``git status``), or, outside
+    a git checkout (an unpacked sdist), every file under the repository."""
+    try:
+        listing = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
+        return {str(p) for p in REPO.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    return {line[3:] for line in listing.splitlines() if line.startswith("??")}
+
+
 def test_kernel_runs_this_interpreter():
     manager = _kernel_manager_class()(kernel_name=KERNEL_NAME)
     assert _is_this_python(manager.format_kernel_cmd()[0])
@@ -86,15 +104,17 @@ def test_notebook_is_stripped(name):
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_in_smoke_mode(name, tmp_path, monkeypatch):
+def test_notebook_runs_in_smoke_mode(name, monkeypatch):
     monkeypatch.setenv("CI", "1")  # the kernel inherits this environment: smoke_test = True
+    before = _repository_files()
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
     client = NotebookClient(
         nb,
         kernel_name=KERNEL_NAME,
         kernel_manager_class=_kernel_manager_class(),
         timeout=CELL_TIMEOUT_S,
-        resources={"metadata": {"path": str(tmp_path)}},  # the kernel's working directory
+        # run where a user opens it, so a relative output path would land in the checkout
+        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
     )
     client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
 
@@ -105,3 +125,5 @@ def test_notebook_runs_in_smoke_mode(name, tmp_path, monkeypatch):
     assert images, f"{name} displayed no image"
     text = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
     assert "log-likelihood" in text, f"{name} printed no log-likelihood"
+    left = sorted(_repository_files() - before)
+    assert not left, f"{name} left files in the repository: {left}; write to a tempfile folder"
