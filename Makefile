@@ -1,8 +1,9 @@
 PYTHON ?= python
 
-.PHONY: lint format test test-all
+.PHONY: lint format test test-all docs
 
-lint:
+# CI runs `make lint` and `make test`: lint builds the docs too, warnings as errors
+lint: docs
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check pyro_ladder
 
@@ -15,3 +16,7 @@ test:
 
 test-all:
 	$(PYTHON) -m pytest -q -m "slow or not slow"
+
+# the API reference from the docstrings and the long pages: docs/_build/html/index.html
+docs:
+	$(PYTHON) -m sphinx -W --keep-going -q -b html docs docs/_build/html

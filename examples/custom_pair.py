@@ -3,8 +3,8 @@
 The pair below is built from pyro_ladder's public blocks and keeps the site contract
 (sites ``z2``, ``z1``, ``x`` inside ``pyro.plate("data")``, sampled top-down), so every
 estimator, ``evaluate`` and every diagnostic of the library work on it unchanged.
-README.md ("Write your own model and guide") shows this file's code; tests/test_custom_pair.py
-checks that the two agree and runs it.
+docs/custom-pairs.md ("Write your own model and guide") shows this file's code;
+tests/test_custom_pair.py checks that the two agree and runs it.
 
     python examples/custom_pair.py   # every estimator on digits, then diagnostics: ~4 min
 """
