@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,12 +20,13 @@ from . import __version__
 from ._util import atomic_write, eval_mode
 from .checkpoint import load_checkpoint, load_training_checkpoint, save_checkpoint
 from .condition import pack
-from .config import INFERENCES, LIKELIHOODS, PRESETS, preset
+from .config import INFERENCES, PRESETS, preset
 from .data import DATASETS, binarize, load_dataset
 from .diagnostics import active_units, kl_per_unit, mutual_information
 from .elbo import ESTIMATORS, describe_estimators
 from .errors import ConfigError, PyroLadderError, TrainingError
 from .evaluate import evaluate
+from .likelihoods import LIKELIHOODS
 from .plots import (
     image_grid,
     kl_per_unit_figure,
@@ -46,11 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PyroLadderError as err:
-        print(f"pyro-ladder: error: {err}", file=sys.stderr)
+        print(f"pyro-ladder: error: {as_flags(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pyro-ladder: interrupted", file=sys.stderr)
         return 130
+
+
+def as_flags(message: str) -> str:
+    """The library names arguments as ``argument `batch_size```; here they are flags."""
+    return re.sub(r"argument `(\w+)`", lambda m: "--" + m[1].replace("_", "-"), message)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,7 +115,7 @@ def _add_train(sub):
     )
     p.add_argument(
         "--likelihood",
-        choices=LIKELIHOODS,
+        choices=sorted(LIKELIHOODS),
         help="default: gaussian for continuous data, bernoulli otherwise",
     )
     p.add_argument("--elbo", default="elbo", choices=sorted(ESTIMATORS), help="estimator")

@@ -7,9 +7,11 @@ import numbers
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .likelihoods import LIKELIHOODS
 
-LIKELIHOODS = ("bernoulli", "gaussian")
 INFERENCES = ("top-down", "bottom-up")
+"""Names of the inference networks; :data:`pyro_ladder.guide.INFERENCE` maps each to its
+class (``guide`` imports this module, so the names live here and the classes there)."""
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,10 @@ class LadderConfig:
         if len(self.latent_dims) != len(self.hidden_dims):
             raise ConfigError(
                 f"latent_dims has {len(self.latent_dims)} layers but hidden_dims has "
-                f"{len(self.hidden_dims)}: give one hidden size per stochastic layer, "
-                "e.g. --latent-dims 64,32 --hidden-dims 512,256"
+                f"{len(self.hidden_dims)}: give one hidden size per stochastic layer "
+                "(argument `hidden_dims`) for each latent size (argument `latent_dims`)"
             )
-        _check_choice("likelihood", self.likelihood, LIKELIHOODS)
+        _check_choice("likelihood", self.likelihood, sorted(LIKELIHOODS))
         _check_choice("inference", self.inference, INFERENCES)
         c = self.condition_dim
         if not isinstance(c, numbers.Integral) or isinstance(c, bool) or c < 0:

@@ -31,7 +31,6 @@ References
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 
@@ -47,8 +46,8 @@ from ._util import eval_mode, modules_of
 from .data import binarize as binarize_pixels
 from .elbo import make_elbo
 from .elbo.surrogate import differentiable_loss
-from .errors import ConfigError, TrainingError
-from .evaluate import evaluate
+from .errors import ConfigError
+from .train import check_fit_options, diverged, guarded_loss, monitor_record
 from .warmup import kl_weight, with_kl_weight
 
 try:
@@ -128,8 +127,8 @@ class ShardedRows(pl.LightningDataModule):
         if self.batch_size * world > len(self.data):
             raise ConfigError(
                 f"{world} processes x batch size {self.batch_size} exceed the "
-                f"{len(self.data)} training rows: lower --batch-size to at most "
-                f"{len(self.data) // world}"
+                f"{len(self.data)} training rows: lower the batch size (argument "
+                f"`batch_size`) to at most {len(self.data) // world}"
             )
 
     def train_dataloader(self) -> DataLoader:
@@ -251,26 +250,20 @@ class LightningSVI(pl.LightningModule):
         return (x.new_tensor(self._beta), x) if self.warmup_epochs else (x,)
 
     def _loss(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The estimator's loss divided by the batch size; None if Pyro found NaN values."""
+        """The estimator's loss divided by the batch size; None if Pyro refused NaN values."""
         model, guide = self._pair
-        try:
-            total = differentiable_loss(self.elbo, model, guide, *self._args(x))
-        except ValueError as err:  # Pyro's validation: a distribution got NaN parameters
-            if "invalid values" not in str(err):
-                raise
-            return None
-        return total / len(x)
+        total = guarded_loss(lambda: differentiable_loss(self.elbo, model, guide, *self._args(x)))
+        return None if total is None else total / len(x)
 
     def _stop_if_not_finite(self, loss: torch.Tensor | None, batch_idx: int) -> None:
         """Every process stops together (a lone failure would leave the others waiting in
         the gradient all-reduce)."""
         bad = loss is None or not bool(torch.isfinite(loss))
         if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
-            raise TrainingError(
-                f"the loss became non-finite at epoch {self.current_epoch + 1}, step "
-                f"{batch_idx + 1} (on at least one process): lower the learning rate (--lr), "
-                "add warm-up, or check the data for extreme values"
+            where = (
+                f"epoch {self.current_epoch + 1}, step {batch_idx + 1} (on at least one process)"
             )
+            raise diverged(where)
 
     def _check_parameters(self, batch: torch.Tensor) -> None:
         """Every parameter the pair registers with Pyro must be one of the tensors Lightning
@@ -289,12 +282,7 @@ class LightningSVI(pl.LightningModule):
             )
 
     def _monitor(self) -> dict:
-        """One-sample ELBO and per-site KL on the held-out rows, nats per example."""
-        rows = self.monitor.to(self.device)
-        result = evaluate(self.pyro_model, self.pyro_guide, rows, num_samples=1)
-        record = {"monitor_elbo": result["elbo"].mean().item()}
-        record.update({f"kl_{site}": v.mean().item() for site, v in result["kl"].items()})
-        return record
+        return monitor_record(self.pyro_model, self.pyro_guide, self.monitor.to(self.device))
 
 
 def make_trainer(
@@ -394,9 +382,9 @@ def fit_distributed(
     :raises ConfigError: for bad options; :class:`~pyro_ladder.TrainingError` when the
         loss becomes NaN or infinite on any process.
     """
-    _check_options(
-        data, epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup_epochs, seed=seed
-    )
+    if seed is None:  # every process must draw the same shuffles
+        raise ConfigError("seed must be an integer on several processes, got None")
+    check_fit_options(data, epochs, batch_size, lr, warmup_epochs, seed=seed)
     if trainer is None:
         trainer = make_trainer(epochs=epochs, **trainer_options)
     rows = ShardedRows(data, batch_size, seed)
@@ -419,14 +407,3 @@ def fit_distributed(
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
         trainer.fit(svi, datamodule=rows)
     return svi.history if trainer.is_global_zero else None
-
-
-def _check_options(data, *, epochs, batch_size, lr, warmup, seed) -> None:
-    if len(data) == 0:
-        raise ConfigError("the training data are empty: pass at least one row")
-    counts = [("epochs", epochs, 1), ("batch_size", batch_size, 1), ("warmup_epochs", warmup, 0)]
-    for name, value, least in counts + [("seed", seed, -math.inf)]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"the learning rate must be a positive number, got {lr!r}")

@@ -82,7 +82,7 @@ def fit(
     :raises TrainingError: when the loss becomes NaN or infinite (the message names the step;
         ``checkpoint`` is not called again, so the last good state stays on disk).
     """
-    check_fit_options(data, epochs, batch_size, lr, warmup_epochs, checkpoint_every)
+    check_fit_options(data, epochs, batch_size, lr, warmup_epochs, checkpoint_every, seed)
     options = {
         "elbo": elbo if isinstance(elbo, str) else type(elbo).__name__,
         "num_particles": num_particles,
@@ -183,20 +183,9 @@ class _Run:
         return x, order
 
     def _step(self, weight, batch) -> float:
-        try:
-            with warnings.catch_warnings():  # a NaN is reported below, with its step
-                warnings.filterwarnings("ignore", message="Encountered NaN")
-                loss = self.svi.step(*weight, batch, *self.args, **self.kwargs)
-        except ValueError as err:  # Pyro's validation: a distribution got NaN parameters
-            if "invalid values" not in str(err):
-                raise
-            loss = math.nan
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"the loss became {loss} at epoch {self.epoch + 1}, step {self.step + 1}: "
-                "lower the learning rate (--lr), add warm-up, or check the data for extreme "
-                "values"
-            )
+        loss = guarded_loss(lambda: self.svi.step(*weight, batch, *self.args, **self.kwargs))
+        if loss is None or not math.isfinite(loss):
+            raise diverged(f"epoch {self.epoch + 1}, step {self.step + 1}")
         return loss
 
     def _finish_epoch(self, record, bar, writer, callback) -> None:
@@ -287,18 +276,50 @@ def _summary_writer(log_dir):
 
 
 def _monitor(svi, data, args, kwargs, warmed) -> dict:
-    """One-sample ELBO and per-site KL on held-out rows, in nats per example."""
     model, guide = svi.model, svi.guide
     if warmed:  # score the plain pair, not the warmed-up wrappers
         model, guide = model.__wrapped__, guide.__wrapped__
-    result = evaluate(model, guide, data, *args, num_samples=1, **kwargs)
+    return monitor_record(model, guide, data, *args, **kwargs)
+
+
+def monitor_record(model, guide, rows, *args, **kwargs) -> dict:
+    """The monitor of :func:`fit` and of the Lightning module: one-sample ELBO
+    (``monitor_elbo``) and per-site KL (``kl_z1`` ...) on held-out ``rows``, in nats per
+    example."""
+    result = evaluate(model, guide, rows, *args, num_samples=1, **kwargs)
     record = {"monitor_elbo": result["elbo"].mean().item()}
     record.update({f"kl_{site}": v.mean().item() for site, v in result["kl"].items()})
     return record
 
 
-def check_fit_options(data, epochs, batch_size, lr, warmup_epochs, checkpoint_every=None):
-    """Raise :class:`ConfigError` unless the options of :func:`fit` suit ``data``."""
+def guarded_loss(step):
+    """``step()``'s loss, or None when Pyro's validation refused a distribution whose
+    parameters a diverging step made invalid; the caller then reports :func:`diverged`.
+    Pyro's NaN warning is silenced here because the caller checks the value itself."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered NaN")
+            return step()
+    except ValueError as err:  # torch's constraint check: "... but found invalid values"
+        if "invalid values" not in str(err):
+            raise
+        return None
+
+
+def diverged(where: str) -> TrainingError:
+    """The error of a loss that became NaN or infinite at ``where`` (e.g. "epoch 3, step
+    7"), named with the arguments that fix it."""
+    return TrainingError(
+        f"the loss became non-finite at {where}: lower the learning rate (argument `lr`), "
+        "add warm-up (argument `warmup_epochs`), or check the data for extreme values"
+    )
+
+
+def check_fit_options(
+    data, epochs, batch_size, lr, warmup_epochs, checkpoint_every=None, seed=0
+) -> None:
+    """Raise :class:`ConfigError` unless the options of :func:`fit` (and of
+    :func:`~pyro_ladder.distributed.fit_distributed`) suit ``data``."""
     if len(data) == 0:
         raise ConfigError("the training data are empty: pass at least one row")
     for name, v in [("epochs", epochs), ("batch_size", batch_size)]:
@@ -307,7 +328,7 @@ def check_fit_options(data, epochs, batch_size, lr, warmup_epochs, checkpoint_ev
     if batch_size > len(data):
         raise ConfigError(
             f"batch size {batch_size} exceeds the {len(data)} training rows: "
-            f"use a batch size of at most {len(data)} (--batch-size)"
+            f"use a batch size of at most {len(data)} (argument `batch_size`)"
         )
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ConfigError(f"the learning rate must be a positive number, got {lr!r}")
@@ -319,3 +340,5 @@ def check_fit_options(data, epochs, batch_size, lr, warmup_epochs, checkpoint_ev
         or checkpoint_every < 1
     ):
         raise ConfigError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"seed must be an integer or None, got {seed!r}")

@@ -147,13 +147,13 @@ def test_refuses_an_output_folder_holding_a_run(tmp_path, capsys):
     [
         (["--latent-dims", "4,0"], "sizes must be positive"),
         (["--latent-dims", "4,x"], "not a comma-separated list"),
-        (["--latent-dims", "8,4,2"], "one hidden size per stochastic layer"),
+        (["--latent-dims", "8,4,2"], "one hidden size per stochastic layer (--hidden-dims)"),
         (["--dataset", "cifar"], "invalid choice"),
         (["--elbo", "dreg"], "invalid choice"),
         (["--inference", "bottom-up", "--elbo", "meanfield"], "top-down"),
         (["--lr", "-1"], "positive number"),
         (["--epochs", "0"], "positive integer"),
-        (["--batch-size", "5000"], "exceeds the 1437 training rows"),
+        (["--batch-size", "5000"], "at most 1437 (--batch-size)"),
         (["--checkpoint-every", "-2"], "positive integer"),
     ],
 )

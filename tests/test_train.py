@@ -43,8 +43,23 @@ def test_non_finite_loss_stops_training_with_the_step():
     vae = LadderVAE(6, (3,), (8,), batch_norm=False)
     with torch.no_grad():
         vae.generative.likelihood.logits.weight.fill_(float("nan"))
-    with pytest.raises(TrainingError, match="epoch 1, step 1"):
+    with pytest.raises(TrainingError, match="epoch 1, step 1") as caught:
         fit(vae.model, vae.guide, _grey().round(), epochs=1, batch_size=20, progress=False)
+    assert "argument `lr`" in str(caught.value) and "--" not in str(caught.value)
+
+
+def test_library_messages_name_arguments_not_flags():
+    vae = LadderVAE(6, (3,), (8,))
+    with pytest.raises(ConfigError, match="argument `batch_size`") as caught:
+        fit(vae.model, vae.guide, _grey().round(), batch_size=100, progress=False)
+    assert "--" not in str(caught.value)
+
+
+def test_one_registry_per_concept():
+    from pyro_ladder import config, guide, likelihoods
+
+    assert config.LIKELIHOODS is likelihoods.LIKELIHOODS
+    assert set(config.INFERENCES) == set(guide.INFERENCE)
 
 
 @pytest.mark.parametrize(
@@ -56,6 +71,7 @@ def test_non_finite_loss_stops_training_with_the_step():
         (dict(lr=-1.0), "learning rate"),
         (dict(lr=float("nan")), "learning rate"),
         (dict(warmup_epochs=-2), "warmup_epochs"),
+        (dict(seed=1.5), "seed must be an integer"),
         (dict(elbo="nope"), "unknown estimator"),
     ],
 )
