@@ -166,12 +166,12 @@ OPTIONS = ["--epochs", "--batch-size", "--lr", "--latent-dims", "--hidden-dims",
        st.sampled_from(["elbo", "iwae", "nope", ""]))
 def test_cli_random_option_values_give_one_clear_line(tmp_path_factory, capsys, monkeypatch,
                                                       options, elbo):
-    import pyro_ladder.cli as cli
+    import pyro_ladder.runs.training as training
 
     def stop(*args, **kwargs):
         raise _Stop
 
-    monkeypatch.setattr(cli, "fit", stop)
+    monkeypatch.setattr(training, "fit", stop)
     out = tmp_path_factory.mktemp("run")
     argv = ["train", "--out", str(out), "--no-progress", "--elbo", elbo]
     for key, value in options.items():
