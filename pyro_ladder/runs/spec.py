@@ -1,0 +1,134 @@
+"""``RunSpec``: a frozen, typed description of one training run, and the per-data-set
+defaults it is resolved with (once, by :meth:`RunSpec.resolved`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import LadderConfig, preset
+from ..errors import ConfigError
+
+DATASETS_WITH_LABELS = ("digits", "mnist", "fashion-mnist")
+"""Data sets whose class labels a conditional run (``condition="label"``) can use."""
+
+
+def default_preset(dataset: str) -> str:
+    """The network a run on ``dataset`` uses unless it names one."""
+    return "digits" if dataset == "digits" else "paper-mnist"
+
+
+def default_epochs(dataset: str) -> int:
+    """Epochs unless given: the small digits train long, image data sets briefly."""
+    return 200 if dataset == "digits" else 10
+
+
+RESUMABLE = (
+    "dataset", "preset", "latent_dims", "hidden_dims", "inference", "condition", "likelihood",
+    "elbo", "particles", "epochs", "batch_size", "lr", "warmup_epochs", "batch_norm",
+    "eval_samples", "eval_limit", "seed", "checkpoint_every",
+)  # fmt: skip
+"""The fields stored in a run's checkpoint; resuming takes them from it."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What ``pyro-ladder train`` does, as data; ``None`` means "the data set's default".
+
+    Build one in Python (``RunSpec(dataset="digits", epochs=5)``) or let the CLI build it;
+    :func:`~pyro_ladder.runs.train` resolves the defaults with :meth:`resolved`.
+    """
+
+    dataset: str = "digits"  # embedded, no download
+    data_dir: Path | None = None  # where data files live; None: $PYRO_LADDER_DATA, then cache
+    preset: str | None = None  # None: default_preset(dataset)
+    latent_dims: tuple[int, ...] | None = None  # None: the preset's
+    hidden_dims: tuple[int, ...] | None = None  # None: the preset's
+    inference: str = "top-down"  # the ladder; "bottom-up" is the classic hierarchical VAE
+    condition: str | None = None  # "label": a class-conditional model p(x | c)
+    likelihood: str | None = None  # None: gaussian for continuous data, bernoulli otherwise
+    elbo: str = "elbo"  # estimator name (pyro_ladder.elbo.ESTIMATORS)
+    particles: int = 1  # samples per data point
+    epochs: int | None = None  # None: default_epochs(dataset)
+    batch_size: int = 100  # rows per step (per process)
+    lr: float = 1e-3  # Adam learning rate
+    warmup_epochs: int | None = None  # None: a tenth of the epochs, as in the paper
+    batch_norm: bool = True  # the paper's choice for deep ladders
+    eval_samples: int = 5000  # importance samples K of the final test log p(x)
+    eval_limit: int | None = None  # score the first N test images only; None: all
+    seed: int = 0  # seeds the model's initial weights and training
+    checkpoint_every: int | None = None  # also save every N steps within an epoch
+    tensorboard: Path | None = None  # also log scalars for TensorBoard into this folder
+    progress: bool = True  # show progress bars
+    devices: int = 1  # processes per machine (Lightning beyond 1)
+    num_nodes: int = 1  # machines (Lightning beyond 1)
+    strategy: str | None = None  # None: ddp with more than one process
+    accelerator: str | None = None  # Lightning's accelerator; None: one process, no Lightning
+    sync_batchnorm: bool = False  # batch-norm statistics over every process's batch
+    device: str = "cpu"  # where the one-process loop runs; only "cpu" for now
+
+    def __post_init__(self):
+        if self.device != "cpu":
+            raise ConfigError(f"device {self.device!r} is not supported yet: use 'cpu'")
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the run asks for PyTorch Lightning (several processes, a GPU)."""
+        return (
+            self.devices > 1
+            or self.num_nodes > 1
+            or self.strategy is not None
+            or self.accelerator is not None
+            or self.sync_batchnorm
+        )
+
+    def replace(self, **changes) -> RunSpec:
+        return dataclasses.replace(self, **changes)
+
+    def resolved(self, kind: str) -> RunSpec:
+        """This spec with every per-data-set default filled in, for data of ``kind``
+        (``"continuous"``, ``"grey"`` or ``"binary"``). Resolving twice changes nothing."""
+        epochs = self.epochs or default_epochs(self.dataset)
+        return self.replace(
+            preset=self.preset or default_preset(self.dataset),
+            likelihood=self.likelihood or ("gaussian" if kind == "continuous" else "bernoulli"),
+            epochs=epochs,
+            warmup_epochs=epochs // 10 if self.warmup_epochs is None else self.warmup_epochs,
+        )
+
+    def options(self) -> dict:
+        """The resumable fields as plain data, as a checkpoint stores them."""
+        return {k: _plain(getattr(self, k)) for k in RESUMABLE}
+
+    def config(self, x_dim: int, condition_dim: int = 0) -> LadderConfig:
+        """The network of a resolved spec for data of ``x_dim`` features."""
+        if self.inference == "bottom-up" and "meanfield" in self.elbo:
+            raise ConfigError(
+                "estimator meanfield (argument `elbo`) needs the guide to sample in the "
+                "model's (top-down) order; use it with inference top-down, or pick elbo "
+                "for bottom-up (argument `inference`)"
+            )
+        overrides = {
+            "likelihood": self.likelihood,
+            "inference": self.inference,
+            "batch_norm": self.batch_norm,
+            "condition_dim": condition_dim,
+        }
+        if self.latent_dims:
+            overrides["latent_dims"] = self.latent_dims
+        if self.hidden_dims:
+            overrides["hidden_dims"] = self.hidden_dims
+        return preset(self.preset, x_dim, **overrides)
+
+
+def _plain(value):
+    """Tuples as lists, as JSON and checkpoints hold them."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def from_options(stored: dict, **given) -> RunSpec:
+    """The spec of a saved run: its stored options, with the non-resumable ``given`` fields
+    (``data_dir``, ``progress``, ``tensorboard``...) and possibly a larger ``epochs``."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+    return RunSpec(**{**values, **given})
