@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pyro
-import torch
 
 from pyro_ladder import LadderVAE, evaluate, fit, preset
-from pyro_ladder.data import binarize, load_dataset
+from pyro_ladder.data import load_dataset
+from pyro_ladder.runs import test_set
 
 
 def parse(argv=None):
@@ -51,7 +51,7 @@ def run(data, args, estimator: str, seed: int) -> dict:
         progress=False,
     )
     seconds = time.perf_counter() - start
-    test = binarize(data.test, generator=torch.Generator().manual_seed(0)) if grey else data.test
+    test = test_set(data, "bernoulli")
     result = evaluate(vae.model, vae.guide, test, num_samples=args.eval_samples)
     return {
         "estimator": estimator,

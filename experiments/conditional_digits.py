@@ -31,8 +31,9 @@ from sklearn.linear_model import LogisticRegression
 
 from pyro_ladder import LadderVAE, evaluate, fit
 from pyro_ladder.condition import pack
-from pyro_ladder.data import binarize, load_dataset
+from pyro_ladder.data import load_dataset
 from pyro_ladder.plots import image_grid, save_figure
+from pyro_ladder.runs import test_set
 
 MODELS = {  # name: (inference, conditional)
     "top-down": ("top-down", False),
@@ -67,10 +68,8 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     data = load_dataset("digits")
     classes = int(data.train_labels.max()) + 1
-    test = binarize(data.test, generator=torch.Generator().manual_seed(0))  # as the CLI
-    labels = data.test_labels
-    if args.limit:
-        test, labels = test[: args.limit], labels[: args.limit]
+    test = test_set(data, "bernoulli", args.limit or None)  # the rows the CLI scores
+    labels = data.test_labels[: len(test)]
     reader = LogisticRegression(max_iter=2000).fit(data.train.numpy(), data.train_labels)
     log_prior = torch.bincount(data.train_labels, minlength=classes).double().log()
     log_prior -= log_prior.logsumexp(0)

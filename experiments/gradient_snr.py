@@ -18,11 +18,11 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pyro
-import torch
 
 from pyro_ladder import LadderVAE, fit, make_elbo, preset
-from pyro_ladder.data import binarize, load_dataset
+from pyro_ladder.data import load_dataset
 from pyro_ladder.diagnostics import effective_sample_size, gradient_snr
+from pyro_ladder.runs import test_set
 
 ESTIMATORS = {  # label: (make_elbo name, options)
     "iwae": ("iwae", {}),
@@ -66,8 +66,7 @@ def main(argv=None) -> dict:
         progress=False,
     )
     train_seconds = time.perf_counter() - start
-    x = data.test[: args.batch]
-    x = binarize(x, generator=torch.Generator().manual_seed(0)) if grey else x
+    x = test_set(data, "bernoulli", args.batch)  # the first rows the CLI scores
     vae.eval()  # fixed batch-norm statistics: the gradient noise is the estimator's alone
     ks = [int(k) for k in args.ks.split(",")]
     rows = []

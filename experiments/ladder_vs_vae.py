@@ -27,9 +27,10 @@ import pyro
 import torch
 
 from pyro_ladder import LadderVAE, evaluate, fit, preset
-from pyro_ladder.data import binarize, load_dataset
+from pyro_ladder.data import load_dataset
 from pyro_ladder.diagnostics import active_units
 from pyro_ladder.plots import pca_figure, save_figure
+from pyro_ladder.runs import test_set
 
 PAPER = preset("paper-mnist", 784)
 
@@ -70,14 +71,6 @@ def parse(argv=None):
     return args
 
 
-def test_set(data, args) -> torch.Tensor:
-    """Test rows; grey images binarized once with a fixed seed."""
-    test = data.test if args.eval_limit is None else data.test[: args.eval_limit]
-    if data.kind == "grey":
-        test = binarize(test, generator=torch.Generator().manual_seed(0))
-    return test
-
-
 def run(data, args, inference: str, depth: int) -> tuple[dict, LadderVAE]:
     pyro.set_rng_seed(args.seed)
     vae = LadderVAE(
@@ -102,7 +95,7 @@ def run(data, args, inference: str, depth: int) -> tuple[dict, LadderVAE]:
         progress=False,
     )
     train_seconds = time.perf_counter() - start
-    test = test_set(data, args)
+    test = test_set(data, "bernoulli", args.eval_limit)
     result = evaluate(vae.model, vae.guide, test, num_samples=args.eval_samples)
     units = active_units(vae.model, vae.guide, test)
     row = {
@@ -162,7 +155,7 @@ def _figures(args, rows, data, deepest):
         ax.legend()
     fig.tight_layout()
     save_figure(fig, args.out / "depth.png")
-    test = test_set(data, args)
+    test = test_set(data, "bernoulli", args.eval_limit)
     labels = None if data.test_labels is None else data.test_labels[: len(test)]
     rows = {}
     for inference, vae in deepest.items():
@@ -175,6 +168,7 @@ def _figures(args, rows, data, deepest):
     coloured = "coloured by class" if labels is not None else "no class labels in this data set"
     title = f"posterior samples of each layer, PCA, {depth} layers ({coloured})"
     save_figure(pca_figure(rows, labels, title), args.out / "pca.png")
+
 
 if __name__ == "__main__":
     main()
