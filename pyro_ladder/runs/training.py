@@ -1,12 +1,13 @@
 """``train(spec, out)``: one training run, on one process or through Lightning, from the
 spec to the run folder (checkpoint, history, pictures, metrics).
 
-Five lines do what ``pyro-ladder train --epochs 5 --out runs/demo`` does::
+Five lines do what ``pyro-ladder train --epochs 5 --eval-samples 100 --out runs/demo``
+does (the same files, the same numbers)::
 
     from pathlib import Path
     from pyro_ladder.runs import RunSpec, train
 
-    metrics = train(RunSpec(dataset="digits", epochs=5), Path("runs/demo"))
+    metrics = train(RunSpec(dataset="digits", epochs=5, eval_samples=100), Path("runs/demo"))
     print(metrics["test_log_likelihood"])
 """
 

@@ -1,0 +1,100 @@
+"""The run layer: a spec resolved once, ``train(spec, out)`` equal to ``pyro-ladder train``,
+the run folder's format and the test-set policy."""
+
+import dataclasses
+import json
+import re
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyro_ladder import ConfigError
+from pyro_ladder.checkpoint import load_checkpoint
+from pyro_ladder.cli import build_parser, main
+from pyro_ladder.cli.commands import as_flags, spec_of
+from pyro_ladder.data import load_dataset
+from pyro_ladder.runs import RunSpec, folder, test_set, training
+
+
+def _metrics(out):
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics.pop("train_seconds")  # wall time differs between two runs
+    return metrics
+
+
+def test_the_five_line_script_does_what_the_cli_does(tmp_path, capsys):
+    block = re.search(r"::\n\n((?:    .*\n|\n)+)", training.__doc__).group(1)
+    code = textwrap.dedent(block).replace('"runs/demo"', repr(str(tmp_path / "script")))
+    assert len([line for line in code.splitlines() if line.strip()]) <= 5
+    exec(code, {})
+    argv = ["train", "--epochs", "5", "--eval-samples", "100", "--out", str(tmp_path / "cli")]
+    assert main([*argv, "--no-progress"]) == 0
+    assert _metrics(tmp_path / "script") == _metrics(tmp_path / "cli")
+    runs = (tmp_path / "script", tmp_path / "cli")
+    (a, meta_a), (b, meta_b) = (load_checkpoint(out / "checkpoint.pt") for out in runs)
+    assert meta_a == meta_b
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    names = {p.name for p in (tmp_path / "cli").iterdir()}
+    assert names == {p.name for p in (tmp_path / "script").iterdir()}
+    assert names == set(folder.RUN_FILES) | set(folder.PICTURES)
+
+
+def test_the_cli_defaults_are_the_spec_defaults():
+    assert spec_of(build_parser().parse_args(["train"])) == RunSpec()
+
+
+def test_a_spec_resolves_the_data_set_defaults_once():
+    digits = RunSpec().resolved("grey")
+    assert (digits.preset, digits.epochs, digits.warmup_epochs) == ("digits", 200, 20)
+    assert digits.likelihood == "bernoulli" and digits.resolved("grey") == digits
+    frey = RunSpec(dataset="frey-faces").resolved("continuous")
+    assert (frey.preset, frey.epochs, frey.warmup_epochs) == ("paper-mnist", 10, 1)
+    assert frey.likelihood == "gaussian"
+    given = RunSpec(dataset="mnist", preset="small", epochs=7, warmup_epochs=0).resolved("grey")
+    assert (given.preset, given.epochs, given.warmup_epochs) == ("small", 7, 0)
+
+
+def test_a_spec_is_frozen_and_refuses_unknown_fields_and_devices():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RunSpec().epochs = 3
+    with pytest.raises(TypeError, match="epoch"):
+        RunSpec(epoch=3)
+    with pytest.raises(ConfigError, match="not supported yet"):
+        RunSpec(device="cuda")
+
+
+def test_grey_test_images_are_binarized_once_with_seed_0():
+    data = load_dataset("digits")
+    rows = test_set(data, "bernoulli", limit=50)
+    truth = torch.bernoulli(data.test[:50], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(rows, truth) and set(rows.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(test_set(data, "bernoulli")[:50], rows)  # a prefix scores the same
+    assert torch.equal(test_set(data, "gaussian", limit=50), data.test[:50])  # grey, kept
+
+
+def test_a_conditional_test_set_packs_the_one_hot_label_beside_the_same_pixels():
+    data = load_dataset("digits")
+    rows = test_set(data, "bernoulli", limit=20, condition_dim=10)  # (20, 64 + 10)
+    assert torch.equal(rows[:, :64], test_set(data, "bernoulli", limit=20))
+    assert torch.equal(rows[:, 64:], F.one_hot(data.test_labels[:20], 10).float())
+
+
+def test_history_round_trip_with_a_key_some_epochs_lack(tmp_path):
+    history = [{"epoch": 1, "loss": 2.5}, {"epoch": 2, "loss": 1.25, "monitor_elbo": -3.0}]
+    folder.write_history(tmp_path / "history.csv", history)
+    assert (tmp_path / "history.csv").read_text().splitlines()[0] == "epoch,loss,monitor_elbo"
+    assert folder.read_history(tmp_path / "history.csv") == history
+    assert folder.read_history(tmp_path / "missing.csv") == []
+
+
+def test_library_arguments_become_flags_on_the_command_line():
+    message = "use argument `batch_size` or argument `lr`; keep `lr` as is"
+    assert as_flags(message) == "use --batch-size or --lr; keep `lr` as is"
+
+
+def test_python_runs_refuse_a_folder_that_holds_a_run(tmp_path):
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match="argument `out`.*already holds a run"):
+        folder.prepare_out(tmp_path)
