@@ -250,9 +250,11 @@ class LightningSVI(pl.LightningModule):
         return (x.new_tensor(self._beta), x) if self.warmup_epochs else (x,)
 
     def _loss(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The estimator's loss divided by the batch size; None if Pyro refused NaN values."""
+        """The estimator's loss divided by the batch size; None if the run diverged."""
         model, guide = self._pair
-        total = guarded_loss(lambda: differentiable_loss(self.elbo, model, guide, *self._args(x)))
+        total = guarded_loss(
+            lambda: differentiable_loss(self.elbo, model, guide, *self._args(x)), self.parameters
+        )
         return None if total is None else total / len(x)
 
     def _stop_if_not_finite(self, loss: torch.Tensor | None, batch_idx: int) -> None:

@@ -183,7 +183,10 @@ class _Run:
         return x, order
 
     def _step(self, weight, batch) -> float:
-        loss = guarded_loss(lambda: self.svi.step(*weight, batch, *self.args, **self.kwargs))
+        loss = guarded_loss(
+            lambda: self.svi.step(*weight, batch, *self.args, **self.kwargs),
+            lambda: pyro.get_param_store().values(),
+        )
         if loss is None or not math.isfinite(loss):
             raise diverged(f"epoch {self.epoch + 1}, step {self.step + 1}")
         return loss
@@ -292,17 +295,21 @@ def monitor_record(model, guide, rows, *args, **kwargs) -> dict:
     return record
 
 
-def guarded_loss(step):
-    """``step()``'s loss, or None when Pyro's validation refused a distribution whose
-    parameters a diverging step made invalid; the caller then reports :func:`diverged`.
-    Pyro's NaN warning is silenced here because the caller checks the value itself."""
+def guarded_loss(step, parameters):
+    """``step()``'s loss, or None when it raised a ``ValueError`` (Pyro's validation of a
+    distribution's parameters) while some tensor of ``parameters()`` is NaN or infinite: a
+    diverged run, which the caller reports with :func:`diverged`, as it reports a
+    non-finite loss. The decision rests on the values, not on the text of the error or of
+    Pyro's NaN warning (silenced here: the caller checks the loss itself). A ``ValueError``
+    with finite parameters is not a divergence and propagates."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN")
             return step()
-    except ValueError as err:  # torch's constraint check: "... but found invalid values"
-        if "invalid values" not in str(err):
-            raise
+    except ValueError:
+        with torch.no_grad():
+            if all(bool(torch.isfinite(p).all()) for p in parameters()):
+                raise
         return None
 
 

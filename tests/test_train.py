@@ -1,5 +1,6 @@
 import math
 
+import pyro
 import pytest
 import torch
 
@@ -46,6 +47,23 @@ def test_non_finite_loss_stops_training_with_the_step():
     with pytest.raises(TrainingError, match="epoch 1, step 1") as caught:
         fit(vae.model, vae.guide, _grey().round(), epochs=1, batch_size=20, progress=False)
     assert "argument `lr`" in str(caught.value) and "--" not in str(caught.value)
+
+
+def test_an_invalid_value_with_finite_parameters_is_not_called_a_divergence():
+    import pyro.distributions as dist
+
+    def model(x):
+        loc = pyro.param("loc", torch.zeros(()))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Bernoulli(logits=loc), obs=x)  # x = 2: outside {0, 1}
+
+    def guide(x):
+        pass
+
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="support") as caught:
+        fit(model, guide, torch.full((20,), 2.0), epochs=1, batch_size=20, progress=False)
+    assert not isinstance(caught.value, TrainingError)
 
 
 def test_library_messages_name_arguments_not_flags():
