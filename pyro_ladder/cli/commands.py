@@ -81,7 +81,7 @@ def cmd_report(args) -> int:
 def cmd_sample(args) -> int:
     vae, meta = load_checkpoint(args.checkpoint)
     shape = meta.get("image_shape")
-    if shape is None:  # runs saved before 0.1.0 recorded the shape: ask the data set
+    if shape is None:  # 0.1.0 runs saved before the shape was recorded; shim ends in 0.2.0
         if "dataset" not in meta:
             raise ConfigError(f"{args.checkpoint} records neither its data set nor image shape")
         shape = load_dataset(meta["dataset"], args.data_dir).image_shape

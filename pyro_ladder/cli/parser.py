@@ -242,7 +242,7 @@ def _add_sample(sub):
         default=None,
         help="the classes to draw, e.g. 0,3,7 (default: every class)",
     )
-    _add_data_dir(p)  # only for runs saved before the image shape was recorded
+    _add_data_dir(p)  # only for 0.1.0 runs saved without their image shape (until 0.2.0)
     p.add_argument("--seed", type=int, default=0)
     return p
 

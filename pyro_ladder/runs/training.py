@@ -77,7 +77,7 @@ def resume(out: Path, given: RunSpec | None = None, *, echo=_quiet) -> dict:
             "larger number to train it further"
         )
     data = load_dataset(spec.dataset, spec.data_dir)
-    spec = spec.resolved(data.kind)  # runs saved before the spec recorded its preset
+    spec = spec.resolved(data.kind)  # 0.1.0 runs stored preset=None: resolve it here
     test = checked_test_set(spec, vae, data)
     meta = {**meta, "epochs": spec.epochs, "options": spec.options()}
     echo(f"resuming {out} at epoch {done + 1}, step {training['position']['step'] + 1}")
@@ -86,7 +86,7 @@ def resume(out: Path, given: RunSpec | None = None, *, echo=_quiet) -> dict:
 
 def _resumed_spec(out: Path, stored, given: RunSpec) -> RunSpec:
     if isinstance(stored, dict):
-        # checkpoints written before 0.1.0 recorded no condition; dropped in 0.2.0
+        # 0.1.0 runs saved before `condition` existed lack it; this shim ends in 0.2.0
         stored = {"condition": None, **stored}
     if not isinstance(stored, dict) or set(stored) != set(RESUMABLE):
         raise ConfigError(f"{out}/checkpoint.pt does not record the options of its run")
