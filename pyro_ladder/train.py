@@ -188,7 +188,7 @@ class _Run:
             lambda: pyro.get_param_store().values(),
         )
         if loss is None or not math.isfinite(loss):
-            raise diverged(f"epoch {self.epoch + 1}, step {self.step + 1}")
+            raise diverged(f"epoch {self.epoch + 1}, step {self.step + 1}", loss)
         return loss
 
     def _finish_epoch(self, record, bar, writer, callback) -> None:
@@ -313,11 +313,12 @@ def guarded_loss(step, parameters):
         return None
 
 
-def diverged(where: str) -> TrainingError:
-    """The error of a loss that became NaN or infinite at ``where`` (e.g. "epoch 3, step
-    7"), named with the arguments that fix it."""
+def diverged(where: str, loss: float | None = None) -> TrainingError:
+    """The error of a loss that became NaN or infinite (``loss``, if known) at ``where``
+    (e.g. "epoch 3, step 7"), naming the arguments that fix it."""
+    became = "non-finite" if loss is None else loss
     return TrainingError(
-        f"the loss became non-finite at {where}: lower the learning rate (argument `lr`), "
+        f"the loss became {became} at {where}: lower the learning rate (argument `lr`), "
         "add warm-up (argument `warmup_epochs`), or check the data for extreme values"
     )
 

@@ -105,9 +105,9 @@ class RunSpec:
         """The network of a resolved spec for data of ``x_dim`` features."""
         if self.inference == "bottom-up" and "meanfield" in self.elbo:
             raise ConfigError(
-                "estimator meanfield (argument `elbo`) needs the guide to sample in the "
-                "model's (top-down) order; use it with inference top-down, or pick elbo "
-                "for bottom-up (argument `inference`)"
+                "argument `elbo` meanfield needs the guide to sample in the model's "
+                "(top-down) order; use it with argument `inference` top-down, or pick "
+                "argument `elbo` elbo for bottom-up"
             )
         overrides = {
             "likelihood": self.likelihood,
