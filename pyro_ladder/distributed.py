@@ -334,8 +334,8 @@ def make_trainer(
         raise ConfigError(f"Lightning cannot run this setup: {first}") from None
     if sync_batchnorm and isinstance(trainer.accelerator, CPUAccelerator):
         raise ConfigError(
-            "--sync-batchnorm needs GPUs (torch's SyncBatchNorm does not run on CPUs): "
-            "drop it, or pass --accelerator gpu"
+            "argument `sync_batchnorm` needs GPUs (torch's SyncBatchNorm does not run on "
+            "CPUs): drop it, or pass argument `accelerator` gpu"
         )
     return trainer
 
