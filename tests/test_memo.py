@@ -9,7 +9,7 @@ from pyro import poutine
 from pyro.infer import SVI
 
 from pyro_ladder import LadderVAE, make_elbo
-from pyro_ladder._memo import Memo
+from pyro_ladder._memo import Memo, ReuseOutputs
 
 
 def _vae(batch_norm=False):
@@ -96,13 +96,14 @@ def test_jit_elbo_compiles_with_one_and_several_particles():
         assert all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_memo_survives_deepcopy_empty():
+def test_memo_keeps_nothing_outside_a_scope_and_survives_deepcopy():
     import copy
 
     vae, x = _vae(), _x()
-    poutine.trace(vae.guide).get_trace(x)  # leaves entries holding graph tensors
+    poutine.trace(vae.guide).get_trace(x)  # outside a scope: nothing is stored anywhere
+    assert vars(vae.generative._memo) == {} and vars(vae.inference._memo) == {}
     clone = copy.deepcopy(vae)
-    assert clone.generative._memo._entries == {}
+    assert vars(clone.generative._memo) == {}
 
 
 def test_dreg_runs_each_prior_network_once_per_step():
@@ -118,23 +119,24 @@ def test_dreg_runs_each_prior_network_once_per_step():
 
 def test_a_copy_of_the_input_gets_stored_values_only_when_no_gradient_can_flow():
     torch.manual_seed(0)
-    memo, net, z = Memo(), torch.nn.Linear(3, 2), torch.randn(4, 3).requires_grad_()
-    calls = []
+    with ReuseOutputs():  # the memo is active inside a scope only
+        memo, net, z = Memo(), torch.nn.Linear(3, 2), torch.randn(4, 3).requires_grad_()
+        calls = []
 
-    def fn(t):
-        calls.append(t)
-        return net(t)
+        def fn(t):
+            calls.append(t)
+            return net(t)
 
-    first = memo.call(0, net, z, fn)
-    memo.call(0, net, z.detach(), fn)  # the weights want a gradient: computed again
-    assert len(calls) == 2
-    net.requires_grad_(False)
-    memo.call(0, net, z.detach(), fn)  # the stored graph, handed out once
-    served = memo.call(0, net, z.detach(), fn)
-    assert len(calls) == 2 and served.grad_fn is None
-    torch.testing.assert_close(served, first.detach(), rtol=0, atol=0)
-    memo.call(0, net, z.clone(), fn)  # equal values in other memory: computed
-    assert len(calls) == 3
+        first = memo.call(0, net, z, fn)
+        memo.call(0, net, z.detach(), fn)  # the weights want a gradient: computed again
+        assert len(calls) == 2
+        net.requires_grad_(False)
+        memo.call(0, net, z.detach(), fn)  # the stored graph, handed out once
+        served = memo.call(0, net, z.detach(), fn)
+        assert len(calls) == 2 and served.grad_fn is None
+        torch.testing.assert_close(served, first.detach(), rtol=0, atol=0)
+        memo.call(0, net, z.clone(), fn)  # equal values in other memory: computed
+        assert len(calls) == 3
 
 
 def test_a_fresh_view_of_data_is_the_same_input():
@@ -142,26 +144,27 @@ def test_a_fresh_view_of_data_is_the_same_input():
     when they view the same memory at the same version and carry no autograd history; the
     result's graph is still handed out once, and an in-place change forces a recompute."""
     torch.manual_seed(0)
-    memo, net = Memo(), torch.nn.Linear(3, 2)
-    packed, z = torch.randn(4, 5), torch.randn(4, 1).requires_grad_()
-    calls = []
+    with ReuseOutputs():  # the memo is active inside a scope only
+        memo, net = Memo(), torch.nn.Linear(3, 2)
+        packed, z = torch.randn(4, 5), torch.randn(4, 1).requires_grad_()
+        calls = []
 
-    def fn(inp):
-        calls.append(1)
-        return net(torch.cat([inp[0], inp[1]], -1))
+        def fn(inp):
+            calls.append(1)
+            return net(torch.cat([inp[0], inp[1]], -1))
 
-    first = memo.call("k", net, (z, packed[:, 3:5]), fn)
-    again = memo.call("k", net, (z, packed[:, 3:5]), fn)  # a new view of the same columns
-    assert len(calls) == 1 and again is first
-    memo.call("k", net, (z, packed[:, 3:5]), fn)  # its graph was handed out once already
-    assert len(calls) == 2
-    memo.call("k", net, (z, packed[:, 2:4]), fn)  # other columns: computed
-    assert len(calls) == 3
-    packed.mul_(2)  # the data changed in place: computed
-    memo.call("k", net, (z, packed[:, 2:4]), fn)
-    assert len(calls) == 4
-    memo.call("k", net, (z.detach().clone().requires_grad_(), packed[:, 2:4]), fn)
-    assert len(calls) == 5  # another sample tensor: computed
+        first = memo.call("k", net, (z, packed[:, 3:5]), fn)
+        again = memo.call("k", net, (z, packed[:, 3:5]), fn)  # a new view of the same columns
+        assert len(calls) == 1 and again is first
+        memo.call("k", net, (z, packed[:, 3:5]), fn)  # its graph was handed out once already
+        assert len(calls) == 2
+        memo.call("k", net, (z, packed[:, 2:4]), fn)  # other columns: computed
+        assert len(calls) == 3
+        packed.mul_(2)  # the data changed in place: computed
+        memo.call("k", net, (z, packed[:, 2:4]), fn)
+        assert len(calls) == 4
+        memo.call("k", net, (z.detach().clone().requires_grad_(), packed[:, 2:4]), fn)
+        assert len(calls) == 5  # another sample tensor: computed
 
 
 def test_kl_warm_up_keeps_the_reuse():

@@ -1,4 +1,8 @@
-"""Estimators by name: :func:`make_elbo` returns a Pyro ELBO object to hand to ``SVI``."""
+"""Estimators by name: :func:`make_elbo` returns a Pyro ELBO object to hand to ``SVI``.
+
+Each runs one call's guide and model in one reuse scope (:mod:`pyro_ladder._memo`); Pyro's
+classes are used through same-named subclasses that open it (:mod:`.scoped`).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,12 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pyro.infer import (
-    ELBO,
+from pyro.infer import ELBO
+
+from ..errors import ConfigError
+from .enum import EnumELBO
+from .renyi import CheckedRenyiELBO
+from .scoped import (
     JitTrace_ELBO,
     JitTraceGraph_ELBO,
     JitTraceMeanField_ELBO,
@@ -15,10 +23,6 @@ from pyro.infer import (
     TraceGraph_ELBO,
     TraceMeanField_ELBO,
 )
-
-from ..errors import ConfigError
-from .enum import EnumELBO
-from .renyi import CheckedRenyiELBO
 from .weighted import (
     CIWAE,
     IWAE_STL,

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 
+from .scoped import ScopedELBO
 
-class EnumELBO(TraceEnum_ELBO):
+
+class EnumELBO(ScopedELBO, TraceEnum_ELBO):
     """``TraceEnum_ELBO`` that enumerates every discrete latent site in parallel.
 
     :param num_particles: samples of the continuous sites.

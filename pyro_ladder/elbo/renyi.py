@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from pyro.infer import RenyiELBO
 
+from .scoped import ScopedELBO
 from .weighted import check_reparameterized
 
 
-class CheckedRenyiELBO(RenyiELBO):
+class CheckedRenyiELBO(ScopedELBO, RenyiELBO):
     """``RenyiELBO`` that raises :class:`~pyro_ladder.ConfigError` for a guide site
     without ``rsample`` (a discrete layer) instead of returning a gradient without its
     score-function term."""

@@ -59,6 +59,7 @@ from pyro.infer import (
 )
 from pyro.infer.util import get_dependent_plate_dims, is_identically_zero, torch_sum
 
+from .._memo import ReuseOutputs
 from ..errors import ConfigError
 
 __all__ = ["differentiable_loss", "renyi_loss", "tracegraph_loss"]
@@ -78,6 +79,11 @@ def differentiable_loss(elbo: ELBO, model, guide, *args, **kwargs) -> torch.Tens
 
     :raises ConfigError: for an estimator that has no differentiable form here.
     """
+    with ReuseOutputs(owner=elbo):  # one scope: the guide's outputs serve this call's model
+        return _differentiable_loss(elbo, model, guide, *args, **kwargs)
+
+
+def _differentiable_loss(elbo: ELBO, model, guide, *args, **kwargs) -> torch.Tensor:
     if isinstance(elbo, RenyiELBO):
         return renyi_loss(elbo, model, guide, *args, **kwargs)
     if isinstance(elbo, TraceGraph_ELBO):  # JitTraceGraph_ELBO included, uncompiled

@@ -73,6 +73,7 @@ from pyro.infer import ELBO
 
 from .._traces import max_plate_nesting, per_datapoint, sample_sites, split_traced_parameters
 from ..errors import ConfigError
+from .scoped import ScopedELBO
 
 
 class _Draws:
@@ -136,7 +137,7 @@ class _Draws:
         return _sum_sites(self.fixed_trace("model"), self.nesting, None).expand(self.shape)
 
 
-class WeightedELBO(ELBO):
+class WeightedELBO(ScopedELBO, ELBO):
     """Base class: ``S = num_particles`` vectorized draws, an objective ``F(log w)`` per data
     point, and the surrogate coefficients ``(c_p, c_q, c_path)`` described in the module.
 
