@@ -8,6 +8,7 @@ pair from them. ``LadderVAE(..., condition_dim=C)`` is a class-conditional ladde
 are packed ``x' = (x, c)`` by :func:`pyro_ladder.condition.pack`.
 """
 
+from ._memo import reuse_outputs
 from .config import PRESETS, LadderConfig, preset
 from .diagnostics import active_units, effective_sample_size, gradient_snr, mutual_information
 from .elbo import ESTIMATORS, make_elbo
@@ -59,5 +60,6 @@ __all__ = [
     "make_elbo",
     "precision_weighted",
     "preset",
+    "reuse_outputs",
     "with_kl_weight",
 ]

@@ -5,11 +5,17 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-import pyro
 import torch
-from pyro import poutine
 
-from ._traces import max_plate_nesting, sample_sites, split_parameters
+from ._memo import ReuseOutputs
+from ._traces import (
+    latent_sites,
+    max_plate_nesting,
+    particle_plate,
+    particle_traces,
+    site_kl,
+    split_parameters,
+)
 from ._util import eval_mode, modules_of
 from .errors import ConfigError
 from .evaluate import evaluate
@@ -31,7 +37,8 @@ def gradient_snr(model, guide, elbo, data, *args, num_draws: int = 64, **kwargs)
     """
     if not isinstance(num_draws, int) or num_draws < 2:
         raise ConfigError(f"num_draws must be an integer >= 2, got {num_draws!r}")
-    guide_only, model_params, shared = split_parameters(model, guide, (data, *args), kwargs)
+    with ReuseOutputs():
+        guide_only, model_params, shared = split_parameters(model, guide, (data, *args), kwargs)
     groups = {
         "guide": list(guide_only.values()),
         "model": list(model_params.values()),
@@ -175,14 +182,10 @@ def kl_per_unit(model, guide, data, *args, num_samples: int = 16, **kwargs) -> d
             model, guide, (data, *args), kwargs, num_samples
         )
     out = {}
-    for name, q_site in sample_sites(guide_trace):
-        if q_site["is_observed"]:
-            continue
-        q, p = _per_unit(q_site["fn"], name), _per_unit(model_trace.nodes[name]["fn"], name)
-        try:
-            kl = torch.distributions.kl_divergence(q, p)  # (S, B, k)
-        except NotImplementedError:
-            kl = q.log_prob(q_site["value"]) - p.log_prob(q_site["value"])  # (S, B, k)
+    for name, q_site in latent_sites(guide_trace):
+        per_unit = {"fn": _per_unit(q_site["fn"], name), "value": q_site["value"]}
+        p_fn = _per_unit(model_trace.nodes[name]["fn"], name)
+        kl, _ = site_kl(per_unit, {"fn": p_fn})  # (S, B, k)
         out[name] = kl.reshape(-1, kl.shape[-1]).mean(0)
     return out
 
@@ -201,17 +204,15 @@ def _per_unit(fn, name):
 
 
 def _particle_traces(model, guide, args, kwargs, num_samples):
-    """Guide trace and replayed model trace with ``num_samples`` vectorized draws."""
-    nesting = max_plate_nesting(None, guide, args, kwargs)
-    with pyro.plate("_diagnostic_particles", num_samples, dim=-(nesting + 1)):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        if model is None:
-            return guide_trace, None
-        replayed = poutine.replay(model, trace=guide_trace)
-        return guide_trace, poutine.trace(replayed).get_trace(*args, **kwargs)
+    """Guide trace and replayed model trace (``None`` without a model) with
+    ``num_samples`` vectorized draws, in one reuse scope."""
+    with ReuseOutputs():
+        nesting = max_plate_nesting(None, guide, args, kwargs)
+        particles = particle_plate("_diagnostic_particles", num_samples, nesting)
+        return particle_traces(model, guide, args, kwargs, particles)
 
 
 def _guide_sites(guide, args, kwargs, num_samples):
     """Latent guide sites of one vectorized trace with a particle plate left of the plates."""
     trace, _ = _particle_traces(None, guide, args, kwargs, num_samples)
-    return [(n, s) for n, s in sample_sites(trace) if not s["is_observed"]]
+    return latent_sites(trace)

@@ -24,12 +24,21 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-import pyro
 import torch
-from pyro import poutine
 from tqdm.auto import tqdm
 
-from ._traces import max_plate_nesting, per_datapoint, sample_sites
+from ._memo import ReuseOutputs
+from ._traces import (
+    check_guide_covers_model,
+    latent_sites,
+    max_plate_nesting,
+    particle_plate,
+    particle_traces,
+    per_datapoint,
+    sample_sites,
+    site_kl,
+    site_log_prob,
+)
 from ._util import eval_mode, modules_of
 from .errors import ConfigError, NumericalError
 
@@ -66,7 +75,8 @@ def evaluate(
     # inference mode: no autograd bookkeeping at all; the results leave it as ordinary
     # tensors (torch.cat below runs outside it)
     with eval_mode(*modules_of(model, guide)), torch.inference_mode():
-        nesting = max_plate_nesting(model, guide, (data[:batch_size], *args), kwargs)
+        with ReuseOutputs():
+            nesting = max_plate_nesting(model, guide, (data[:batch_size], *args), kwargs)
         parts = defaultdict(list)
         for start in tqdm(range(0, len(data), batch_size), disable=not progress, unit="batch"):
             x = data[start : start + batch_size]
@@ -141,55 +151,36 @@ def _evaluate_batch(model, guide, x, args, kwargs, K, iwae_k, max_rows, nesting)
 
 
 def _log_weights(model, guide, x, args, kwargs, S, nesting):
-    """``log w (S, B)`` and per-site KL ``{site: (S, B)}`` for ``S`` vectorized draws."""
-    particles = pyro.plate("_eval_particles", S, dim=-(nesting + 1))
-    with particles:
-        guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)
-    with particles:
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            x, *args, **kwargs
-        )
+    """``log w (S, B)`` and per-site KL ``{site: (S, B)}`` for ``S`` vectorized draws.
+
+    One pass is one reuse scope: the model may take the guide's network outputs of this
+    pass, never an earlier one's (``pyro_ladder._memo``). Scales are ignored: this is the
+    model's own density, whatever weight training gave a site."""
+    particles = particle_plate("_eval_particles", S, nesting)
+    with ReuseOutputs():
+        guide_trace, model_trace = particle_traces(model, guide, (x, *args), kwargs, particles)
+    check_guide_covers_model(model_trace, guide_trace)
     log_w = x.new_zeros(S, x.shape[0])
     terms = {}  # per-variable terms: "ce:<observed site>", "kl:<latent site>"
     for name, site in sample_sites(model_trace):
-        log_p = per_datapoint(site, _log_prob(site), nesting)
+        log_p = per_datapoint(site, site_log_prob(site, scaled=False), nesting)
         log_w = log_w + log_p
         if site["is_observed"]:
             terms[f"ce:{name}"] = -log_p
-        if not site["is_observed"] and name not in guide_trace.nodes:
-            raise ConfigError(
-                f"model site {name!r} has no guide site: every latent of the model must be "
-                "sampled by the guide for importance sampling (a discrete site summed out of "
-                "the model by 'enum' needs a guide site to be evaluated)"
-            )
-    for name, q_site in sample_sites(guide_trace):
-        if q_site["is_observed"]:
-            continue
-        log_q = per_datapoint(q_site, _log_prob(q_site), nesting)
-        log_w = log_w - log_q
-        p_site = model_trace.nodes[name]
-        terms[f"kl:{name}"] = _site_kl(q_site, p_site, log_q, nesting)
+    for name, q_site in latent_sites(guide_trace):
+        log_w = log_w - per_datapoint(q_site, site_log_prob(q_site, scaled=False), nesting)
+        kl, _ = site_kl(q_site, model_trace.nodes[name])
+        terms[f"kl:{name}"] = per_datapoint(q_site, _masked(kl, q_site["mask"]), nesting)
     return log_w, terms
 
 
-def _site_kl(q_site, p_site, log_q, nesting) -> torch.Tensor:
-    """Analytic ``KL(q || p)`` at the sampled parents where torch has it, else ``log q - log p``."""
-    try:
-        value = torch.distributions.kl_divergence(q_site["fn"], p_site["fn"])
-    except NotImplementedError:
-        return log_q - per_datapoint(p_site, _log_prob(p_site), nesting)
-    return per_datapoint(q_site, value, nesting)
-
-
-def _log_prob(site) -> torch.Tensor:
-    """Unscaled log-density with the site's mask applied: evaluation ignores warm-up scales."""
-    log_p = site["fn"].log_prob(site["value"])
-    mask = site["mask"]
+def _masked(value: torch.Tensor, mask) -> torch.Tensor:
+    """``value`` with the site's mask applied (as :func:`site_log_prob` does)."""
     if mask is False:
-        return torch.zeros_like(log_p)
-    if mask is not None and mask is not True:
-        log_p = torch.where(mask, log_p, torch.zeros_like(log_p))
-    return log_p
+        return torch.zeros_like(value)
+    if mask is None or mask is True:
+        return value
+    return torch.where(mask, value, torch.zeros_like(value))
 
 
 def _chunk_size(K, B, max_rows, iwae_k) -> int:

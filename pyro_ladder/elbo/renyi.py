@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pyro.infer import RenyiELBO
 
+from .._traces import check_reparameterized
 from .scoped import ScopedELBO
-from .weighted import check_reparameterized
 
 
 class CheckedRenyiELBO(ScopedELBO, RenyiELBO):

@@ -62,7 +62,7 @@ from pyro.infer.util import get_dependent_plate_dims, is_identically_zero, torch
 from .._memo import ReuseOutputs
 from ..errors import ConfigError
 
-__all__ = ["differentiable_loss", "renyi_loss", "tracegraph_loss"]
+__all__ = ["differentiable_loss", "renyi_loss", "tracegraph_loss", "value_with_gradient"]
 
 # JIT estimators and the uncompiled estimator whose computation they compile
 _UNCOMPILED = (
@@ -120,7 +120,7 @@ def renyi_loss(elbo: RenyiELBO, model, guide, *args, **kwargs) -> torch.Tensor:
     scaled = (1.0 - elbo.alpha) * log_w.detach()  # (K, ...)
     bound = (scaled.logsumexp(0) - math.log(elbo.num_particles)).sum() / (1.0 - elbo.alpha)
     weights = scaled.softmax(0)  # (K, ...) normalized, held fixed
-    return _value_with_gradient(-bound, -(weights * surrogate).sum())
+    return value_with_gradient(-bound, -(weights * surrogate).sum())
 
 
 def _renyi_particle(model_trace, guide_trace, alpha: float):
@@ -159,10 +159,10 @@ def tracegraph_loss(elbo: TraceGraph_ELBO, model, guide, *args, **kwargs) -> tor
             "pyro-ppl 1.9.x or train 'tracegraph' without Lightning"
         )
     value, surrogate = compute(model, guide, args, kwargs)  # value is the ELBO
-    return _value_with_gradient(-_as_tensor(value), _as_tensor(surrogate))
+    return value_with_gradient(-_as_tensor(value), _as_tensor(surrogate))
 
 
-def _value_with_gradient(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+def value_with_gradient(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
     """``value`` in the forward pass, ``surrogate``'s gradient in the backward pass."""
     return value.detach() + (surrogate - surrogate.detach())
 

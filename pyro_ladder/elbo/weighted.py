@@ -65,15 +65,27 @@ import contextlib
 import math
 import warnings
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 
-from .._traces import max_plate_nesting, per_datapoint, sample_sites, split_traced_parameters
+from .._traces import (
+    check_guide_covers_model,
+    check_reparameterized,
+    latent_sites,
+    log_density,
+    max_plate_nesting,
+    parameter_roles,
+    particle_plate,
+    particle_traces,
+    per_datapoint,
+    sample_sites,
+    site_kl,
+)
 from ..errors import ConfigError
 from .scoped import ScopedELBO
+from .surrogate import value_with_gradient
 
 
 class _Draws:
@@ -89,18 +101,13 @@ class _Draws:
     def __init__(self, model, guide, args, kwargs, particles, nesting, estimator):
         self._call = (model, guide, args, kwargs)
         self.particles, self.nesting = particles, nesting
-        with particles:
-            self.guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        self.guide_trace, self.model_trace = particle_traces(model, guide, args, kwargs, particles)
         check_reparameterized(self.guide_trace, estimator)
-        with particles:
-            replayed = poutine.replay(model, trace=self.guide_trace)
-            self.model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
-        self.latents = {
-            n: s["value"] for n, s in sample_sites(self.guide_trace) if not s["is_observed"]
-        }  # site -> live reparameterized sample (S, ..., B, event)
-        _check_guide_covers_model(self.model_trace, self.latents)
-        log_p = _sum_sites(self.model_trace, nesting, None)
-        log_q = _sum_sites(self.guide_trace, nesting, set(self.latents))
+        # site -> live reparameterized sample (S, ..., B, event)
+        self.latents = {n: s["value"] for n, s in latent_sites(self.guide_trace)}
+        check_guide_covers_model(self.model_trace, self.guide_trace)
+        log_p = log_density(self.model_trace, nesting, scaled=True)
+        log_q = log_density(self.guide_trace, nesting, scaled=True, only=self.latents)
         self.shape = torch.broadcast_shapes(log_p.shape, log_q.shape)
         self.log_p, self.log_q = log_p.expand(self.shape), log_q.expand(self.shape)
         self._fixed = {}
@@ -129,12 +136,12 @@ class _Draws:
     def fixed_log_q(self, frozen=()) -> torch.Tensor:
         """``log q(z~ | x)`` ``(S, B)`` at the detached samples, live parameters but those
         in ``frozen``."""
-        log_q = _sum_sites(self.fixed_trace("guide", frozen), self.nesting, set(self.latents))
-        return log_q.expand(self.shape)
+        trace = self.fixed_trace("guide", frozen)
+        return log_density(trace, self.nesting, scaled=True, only=self.latents).expand(self.shape)
 
     def fixed_log_p(self) -> torch.Tensor:
         """``log p(x, z~)`` ``(S, B)`` at the detached samples, live parameters."""
-        return _sum_sites(self.fixed_trace("model"), self.nesting, None).expand(self.shape)
+        return log_density(self.fixed_trace("model"), self.nesting, scaled=True).expand(self.shape)
 
 
 class WeightedELBO(ScopedELBO, ELBO):
@@ -173,7 +180,7 @@ class WeightedELBO(ScopedELBO, ELBO):
         draws = self._draw(model, guide, args, kwargs)
         log_w = draws.log_w.detach()  # (S, B)
         surrogate = self._surrogate(draws, *self.coefficients(log_w))
-        return _value_with_gradient(-self.objective(log_w).sum(), -surrogate)
+        return value_with_gradient(-self.objective(log_w).sum(), -surrogate)
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
@@ -213,7 +220,7 @@ class WeightedELBO(ScopedELBO, ELBO):
         ``sum_p <g_p, p>`` with ``g`` held fixed, without forming it), so a later
         ``backward`` gives every parameter exactly its group's gradient.
         """
-        guide_only, model_params, _ = split_traced_parameters(draws.model_trace, draws.guide_trace)
+        guide_only, model_params, _ = parameter_roles(draws.model_trace, draws.guide_trace)
         frozen = list(model_params.values())
         groups = [(guide_only, guide_coeffs, True), (model_params, model_coeffs, False)]
         params, grads = [], []
@@ -233,9 +240,8 @@ class WeightedELBO(ScopedELBO, ELBO):
 
     def _get_trace(self, model, guide, args, kwargs):
         """One ``(model_trace, guide_trace)`` pair, for Pyro's generic ELBO helpers."""
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        replayed = poutine.replay(model, trace=guide_trace)
-        return poutine.trace(replayed).get_trace(*args, **kwargs), guide_trace
+        guide_trace, model_trace = particle_traces(model, guide, args, kwargs)
+        return model_trace, guide_trace
 
     def _dF(self, log_w: torch.Tensor) -> torch.Tensor:
         """``dF / d log w``, ``(S, B)``, by autograd on a detached copy."""
@@ -248,7 +254,7 @@ class WeightedELBO(ScopedELBO, ELBO):
         if self.max_plate_nesting == float("inf"):
             self.max_plate_nesting = max_plate_nesting(model, guide, args, kwargs)
         nesting = self.max_plate_nesting
-        particles = pyro.plate("_num_particles_vectorized", self.num_particles, dim=-(nesting + 1))
+        particles = particle_plate("_num_particles_vectorized", self.num_particles, nesting)
         return _Draws(model, guide, args, kwargs, particles, nesting, type(self).__name__)
 
 
@@ -268,11 +274,6 @@ class _GivenGradients(torch.autograd.Function):
         return (None, *(out * g for g in ctx.grads))
 
 
-def _value_with_gradient(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
-    """``value`` in the forward pass, ``surrogate``'s gradient in the backward pass."""
-    return value + (surrogate - surrogate.detach())
-
-
 @contextlib.contextmanager
 def _frozen(params):
     """``requires_grad`` off for ``params`` inside the block (graphs built before it keep
@@ -288,38 +289,6 @@ def _frozen(params):
         finally:
             for p in flipped:
                 p.requires_grad_(True)
-
-
-def _check_guide_covers_model(model_trace, latents) -> None:
-    for name, site in sample_sites(model_trace):
-        if name not in latents and not site["is_observed"]:
-            raise ConfigError(
-                f"model site {name!r} has no guide site: importance weighting needs the "
-                "guide to sample every latent (a discrete site summed out of the model "
-                "trains with 'enum' only)"
-            )
-
-
-def _sum_sites(trace, nesting, only) -> torch.Tensor:
-    """Sum of scaled, masked log-densities per (sample, data point): ``(S, B)``."""
-    total = 0.0
-    for name, site in sample_sites(trace):
-        if only is not None and name not in only:
-            continue
-        log_p = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
-        total = total + per_datapoint(site, log_p, nesting)
-    return total
-
-
-def check_reparameterized(trace, estimator: str) -> None:
-    """Raise :class:`ConfigError` naming the first latent guide site without ``rsample``."""
-    for name, site in sample_sites(trace):
-        if not site["is_observed"] and not site["fn"].has_rsample:
-            raise ConfigError(
-                f"{estimator} needs reparameterized guide sites, but site {name!r} "
-                f"({type(site['fn']).__name__}) has no rsample (a discrete layer): train it "
-                "with 'tracegraph' (score function with baselines) or 'enum' (exact sum)"
-            )
 
 
 def _iwae(log_w: torch.Tensor) -> torch.Tensor:
@@ -357,7 +326,7 @@ class IWAE_DReG(WeightedELBO):
         log_w = draws.log_w.detach()
         w_bar = log_w.softmax(0)
         surrogate = self._split_surrogate(draws, self.coefficients(log_w), (w_bar,) * 3)
-        return _value_with_gradient(-_iwae(log_w).sum(), surrogate)
+        return value_with_gradient(-_iwae(log_w).sum(), surrogate)
 
 
 class STL(WeightedELBO):
@@ -434,7 +403,7 @@ class PIWAE(MIWAE):
         c_dec = log_w.softmax(0)  # dIWAE(MK)/dlog w
         c_enc = self._dF(log_w)  # dMIWAE(M, K)/dlog w
         surrogate = self._split_surrogate(draws, (c_enc,) * 3, (c_dec,) * 3)
-        return _value_with_gradient(-_iwae(log_w).sum(), surrogate)
+        return value_with_gradient(-_iwae(log_w).sum(), surrogate)
 
 
 class CondKLSemiGradient(WeightedELBO):
@@ -463,19 +432,14 @@ class CondKLSemiGradient(WeightedELBO):
         draws = self._draw(model, guide, args, kwargs)
         rec, kl = self._terms(draws, fixed=True)  # (S, B) each
         surrogate = (rec - kl).mean(0).sum()
-        return _value_with_gradient(-surrogate.detach(), -surrogate)
+        return value_with_gradient(-surrogate.detach(), -surrogate)
 
     def _terms(self, draws: _Draws, fixed: bool):
         """Reconstruction ``(S, B)`` (observed sites) at the live samples, so its gradient
         takes the path through them, and summed conditional KL ``(S, B)``: at the samples
         held fixed (``fixed=True``, the semi-gradient) or at the live ones (same values)."""
-        rec = 0.0
-        for name, site in sample_sites(draws.model_trace):
-            if name not in draws.latents:
-                log_p = site["fn"].log_prob(site["value"])
-                rec = rec + per_datapoint(
-                    site, scale_and_mask(log_p, site["scale"], site["mask"]), draws.nesting
-                )
+        observed = [n for n, _ in sample_sites(draws.model_trace) if n not in draws.latents]
+        rec = log_density(draws.model_trace, draws.nesting, scaled=True, only=observed)
         if fixed:
             q_trace, p_trace = draws.fixed_trace("guide"), draws.fixed_trace("model")
         else:
@@ -483,9 +447,8 @@ class CondKLSemiGradient(WeightedELBO):
         kl = 0.0
         for name in draws.latents:
             q_site, p_site = q_trace.nodes[name], p_trace.nodes[name]
-            try:
-                value = torch.distributions.kl_divergence(q_site["fn"], p_site["fn"])
-            except NotImplementedError:
+            value, analytic = site_kl(q_site, p_site)
+            if not analytic:
                 value = _sampled_top_kl(draws, name)
             value = scale_and_mask(value, q_site["scale"], q_site["mask"])
             kl = kl + per_datapoint(q_site, value, draws.nesting)
@@ -507,5 +470,4 @@ def _sampled_top_kl(draws: _Draws, name: str) -> torch.Tensor:
             f"({type(q_site['fn']).__name__} vs {type(p_site['fn']).__name__}): only the top "
             "site may use a distribution without a closed-form KL"
         )
-    z = draws.latents[name]
-    return q_site["fn"].log_prob(z) - p_site["fn"].log_prob(z)
+    return site_kl(q_site, p_site)[0]  # log q - log p at the live sample
