@@ -8,7 +8,6 @@ Each answer is compared with the same call, same seed, on a fresh tensor.
 
 import copy
 
-import numpy as np
 import pyro
 import pytest
 import torch
