@@ -57,8 +57,9 @@ class TopDownInference(nn.Module):
         """Sample ``z{L}`` .. ``z1`` given ``x (B, x_dim)`` [and ``c (B, C)``], inside
         ``plate("data")``.
 
-        The upward pass does not depend on the samples: an estimator that runs the guide
-        twice on the same ``x`` (e.g. ``iwae-dreg``) gets it once (see ``pyro_ladder._memo``).
+        The upward pass does not depend on the samples: within one estimator call, a guide
+        run twice on the same ``x`` (e.g. by ``iwae-dreg``) computes it once (see
+        ``pyro_ladder._memo``); separate calls always compute it afresh.
         """
         if c is None:
             heads = self._memo.call("upward", self, x, self.upward)

@@ -54,8 +54,9 @@ class Generative(nn.Module):
         """``(loc, scale)`` of ``p(z_i | z_{i+1}[, c])``: ``(..., k_{i+1}) -> 2 x (..., k_i)``.
 
         The top-down guide asks for this at its samples and the model, replaying them,
-        asks again at the very same tensors: the second request reuses the first result
-        (:class:`~pyro_ladder._memo.Memo`), so the prior networks run once per pass.
+        asks again at the very same tensors: inside one estimator call the second request
+        reuses the first result (:mod:`pyro_ladder._memo`), so the prior networks run once
+        per pass; outside one (``sample``, a user's own Pyro estimator) it is computed.
         """
         net = self.priors[i - 1]
         if c is None:
