@@ -23,12 +23,11 @@ step, ``load_state_dict``, ``.data`` edit or buffer refill can happen. So reuse 
   A match is served the stored output when the inputs are the same objects (or carry no
   autograd history, like data sliced afresh from one packed tensor); an output carrying a
   graph is handed out once, and not after a backward pass has reached it (its buffers may
-  be freed). A match
-  with a different tensor object that requires a gradient (``z.detach()`` of a stored
-  ``z`` is one that does not) is served the stored values, detached, only when no gradient
-  can flow (neither the inputs nor the module's parameters require one): the doubly
-  reparameterized estimators score the guide's samples again at such copies with the
-  model's parameters frozen, so the prior networks need not run a third time.
+  be freed). Another tensor object over the same memory (``z.detach()`` of a stored ``z``)
+  is served the stored values, detached, only when no gradient can flow (neither the
+  inputs nor the module's parameters require one): the doubly reparameterized estimators
+  score the guide's samples again at such copies with the model's parameters frozen, so
+  the prior networks need not run a third time. Anything else is computed.
 
 **Batch-norm statistics do not depend on reuse.** Within one scope a network's running
 statistics move once per distinct input: a match that is computed again (reuse switched
