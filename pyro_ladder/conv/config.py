@@ -46,7 +46,9 @@ class ConvLadderConfig:
         if not isinstance(b, numbers.Integral) or isinstance(b, bool) or b < 0:
             raise ConfigError(f"blocks must be an integer >= 0, got {b!r}")
         if self.likelihood not in LIKELIHOODS:
-            raise ConfigError(f"unknown likelihood {self.likelihood!r}; choose one of {LIKELIHOODS}")
+            raise ConfigError(
+                f"unknown likelihood {self.likelihood!r}; choose one of {LIKELIHOODS}"
+            )
         if self.inference not in INFERENCES:
             raise ConfigError(f"unknown inference {self.inference!r}; choose one of {INFERENCES}")
         if not self.var_floor > 0:

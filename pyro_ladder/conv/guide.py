@@ -37,7 +37,8 @@ class ConvTopDownInference(nn.Module):
         inputs = (1,) + c.channels[:-1]
         kw = dict(batch_norm=c.batch_norm, slope=c.leaky_slope)
         self.blocks = nn.ModuleList(
-            Down(c_in, c_out, c.blocks, **kw) for c_in, c_out in zip(inputs, c.channels, strict=True)
+            Down(c_in, c_out, c.blocks, **kw)
+            for c_in, c_out in zip(inputs, c.channels, strict=True)
         )
         self.heads = nn.ModuleList(
             ConvGaussianHead(ch, k, c.var_floor)
@@ -84,7 +85,8 @@ class ConvBottomUpInference(nn.Module):
             Embed(k, ch) for k, ch in zip(c.latent_channels[:-1], c.channels[:-1], strict=True)
         )
         self.blocks = nn.ModuleList(
-            Down(c_in, c_out, c.blocks, **kw) for c_in, c_out in zip(inputs, c.channels, strict=True)
+            Down(c_in, c_out, c.blocks, **kw)
+            for c_in, c_out in zip(inputs, c.channels, strict=True)
         )
         self.heads = nn.ModuleList(
             ConvGaussianHead(ch, k, c.var_floor)

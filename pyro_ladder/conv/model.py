@@ -49,13 +49,12 @@ class ConvLikelihood(nn.Module):
     def __init__(self, config: ConvLadderConfig):
         super().__init__()
         c = config
-        self.kind = {"bernoulli": BernoulliLikelihood, "gaussian": GaussianLikelihood}[
-            c.likelihood
-        ]
+        self.kind = {"bernoulli": BernoulliLikelihood, "gaussian": GaussianLikelihood}[c.likelihood]
         out = 1 if c.likelihood == "bernoulli" else 2
         self.embed = Embed(c.latent_channels[0], c.channels[0])
-        self.up = Up(c.channels[0], c.channels[0], c.image_shape, c.blocks, c.batch_norm,
-                     c.leaky_slope)
+        self.up = Up(
+            c.channels[0], c.channels[0], c.image_shape, c.blocks, c.batch_norm, c.leaky_slope
+        )
         self.out = nn.Conv2d(c.channels[0], out, 1)
         self.var_floor = c.var_floor
 
@@ -90,12 +89,19 @@ class ConvGenerative(nn.Module):
         super().__init__()
         c = config
         res = resolutions(c.image_shape, c.depth)
-        kw = dict(blocks=c.blocks, batch_norm=c.batch_norm, slope=c.leaky_slope,
-                  var_floor=c.var_floor)
+        kw = dict(
+            blocks=c.blocks, batch_norm=c.batch_norm, slope=c.leaky_slope, var_floor=c.var_floor
+        )
         # priors[i - 1] is p(z_i | z_{i+1}, h_{i+1}), for i = 1 .. L-1
         self.priors = nn.ModuleList(
-            PriorStep(c.latent_channels[i], c.channels[i], c.channels[i - 1],
-                      c.latent_channels[i - 1], res[i - 1], **kw)
+            PriorStep(
+                c.latent_channels[i],
+                c.channels[i],
+                c.channels[i - 1],
+                c.latent_channels[i - 1],
+                res[i - 1],
+                **kw,
+            )
             for i in range(1, c.depth)
         )
         self.likelihood = ConvLikelihood(c)
