@@ -15,9 +15,12 @@ Known data sets (:data:`DATASETS`):
   50,000 / 10,000 / 10,000 train / valid / test images, files
   ``binarized_mnist_{train,valid,test}.amat[.gz]`` in ``DATA_DIR/binarized_mnist/``
   or ``DATA_DIR/``.
-* ``mnist`` and ``fashion-mnist``: through torchvision, IDX files in
-  ``DATA_DIR/MNIST/raw/`` and ``DATA_DIR/FashionMNIST/raw/`` (``.gz`` copies are
-  decompressed there), grey.
+* ``mnist`` and ``fashion-mnist``: the four IDX files (``train-images-idx3-ubyte``,
+  ``t10k-...``, each gzipped or not) in torchvision's layout ``DATA_DIR/MNIST/raw/`` and
+  ``DATA_DIR/FashionMNIST/raw/`` (``.gz`` copies are decompressed there; downloaded
+  through torchvision when missing), or flat in ``DATA_DIR/`` or ``DATA_DIR/<name>/``
+  as the operating system's package lays them out (``apt-get install
+  dataset-fashion-mnist``: ``/usr/share/datasets/fashion-mnist/``), read in place; grey.
 * ``frey-faces``: ``frey_rawface.mat`` in ``DATA_DIR/frey_faces/`` or ``DATA_DIR/``,
   1,965 continuous 28x20 images, a fixed 90 % / 10 % train / test split.
 """
@@ -499,17 +502,27 @@ def _load_mnist_like(name: str, root: pathlib.Path, download: bool) -> Dataset:
 
     cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
     raw = root / cls.__name__ / "raw"
+    flat = None if _has_idx_files(raw) else _flat_idx_folder(root, name)
+    if flat is not None:
+        splits = [_flat_idx_split(name, split, flat) for split in ("train", "test")]
+        return _mnist_like_dataset(name, splits)
     _decompress_idx_archives(raw)
     missing = [file for file in _IDX_FILES if not (raw / file).is_file()]
     if missing and not download:
         raise DataError(
-            f"{name}: {', '.join(missing)} (or .gz) not found in {raw}; put the IDX files "
-            f"there, allow downloads, {_FIX_DIR}"
+            f"{name}: {', '.join(missing)} (or .gz) not found in {raw}, nor all four IDX "
+            f"files flat in {root} or {root / name}; put the IDX files in one of these "
+            f"folders, allow downloads, {_FIX_DIR}"
         )
     train_set, test_set = _torchvision_splits(cls, root, raw, download=bool(missing))
     splits = [
         _idx_split(name, split, ds, raw) for split, ds in (("train", train_set), ("test", test_set))
     ]
+    return _mnist_like_dataset(name, splits)
+
+
+def _mnist_like_dataset(name: str, splits: list) -> Dataset:
+    """:returns: the data set of ``[(train, train_labels), (test, test_labels)]``."""
     return Dataset(
         name=name,
         train=splits[0][0],
@@ -518,6 +531,71 @@ def _load_mnist_like(name: str, root: pathlib.Path, download: bool) -> Dataset:
         test_labels=splits[1][1],
         image_shape=(28, 28),
         kind="grey",
+    )
+
+
+def _idx_path(folder: pathlib.Path, file: str) -> pathlib.Path | None:
+    """``folder / file``, else ``folder / (file + ".gz")``, else None."""
+    return _first_existing([folder / file, folder / f"{file}.gz"])
+
+
+def _has_idx_files(folder: pathlib.Path) -> bool:
+    return all(_idx_path(folder, file) is not None for file in _IDX_FILES)
+
+
+def _flat_idx_folder(root: pathlib.Path, name: str) -> pathlib.Path | None:
+    """The first of ``root`` and ``root / name`` holding all four IDX files (or .gz), or
+    None: the flat layout of the operating system's packages."""
+    return next((f for f in (root, root / name) if _has_idx_files(f)), None)
+
+
+def _flat_idx_split(name: str, split: str, folder: pathlib.Path):
+    """:returns: ``(x, labels)`` of shapes ``(N, 784)`` float32 and ``(N,)`` int64, read in
+    place (the folder may be read-only) from the IDX files of ``split``."""
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(_idx_path(folder, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_idx_path(folder, f"{prefix}-labels-idx1-ubyte"))
+    if images.shape[1:] != (28, 28) or labels.shape != (images.shape[0],):
+        raise DataError(
+            f"{name} {split} IDX files in {folder} hold images of shape {images.shape} and "
+            f"labels of shape {labels.shape}; expected (N, 28, 28) and (N,), re-download them"
+        )
+    x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+    _check_split(name, split, x, folder, "grey")
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+# IDX type codes (http://yann.lecun.com/exdb/mnist/): big-endian numpy dtypes
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (MNIST's format), gzipped or not (by suffix or magic number).
+
+    Layout: two zero bytes, a type code, the number of dimensions ``n``, ``n`` big-endian
+    uint32 sizes, then the values in C order.
+
+    :returns: the array, of the file's shape and type (``uint8`` for MNIST).
+    :raises DataError: a file that is not IDX, or whose size disagrees with its header.
+    """
+    path = pathlib.Path(path)
+    data = _read_amat_bytes(path)  # gunzips by magic number, DataError on bad gzip
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number); re-download it")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int(d) for d in np.frombuffer(data[4:header], dtype=">u4"))
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(shape) != ndim or len(data) != expected:
+        raise DataError(
+            f"{path} is truncated or malformed: its header announces shape {shape} "
+            f"({expected} bytes) but the file holds {len(data)} bytes; re-download it"
+        )
+    return (
+        np.frombuffer(data, dtype=dtype, offset=header)
+        .reshape(shape)
+        .astype(dtype.newbyteorder("="))
     )
 
 
