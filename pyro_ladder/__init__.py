@@ -5,11 +5,14 @@ Building blocks for new model/guide pairs: :class:`MLP`, :class:`GaussianHead`,
 ladder's merge), :class:`BernoulliLikelihood` / :class:`GaussianLikelihood` (``p(x | z1)``)
 and :class:`LatentWeight` (KL warm-up for any pair); ``examples/custom_pair.py`` builds a
 pair from them. ``LadderVAE(..., condition_dim=C)`` is a class-conditional ladder; its data
-are packed ``x' = (x, c)`` by :func:`pyro_ladder.condition.pack`.
+are packed ``x' = (x, c)`` by :func:`pyro_ladder.condition.pack`. :class:`ConvLadderVAE`
+is a convolutional ladder with the same site contract; :class:`FreeBits` floors each
+layer's KL (Kingma et al. 2016) for any pair.
 """
 
 from ._memo import reuse_outputs
 from .config import PRESETS, LadderConfig, preset
+from .conv import ConvLadderConfig, ConvLadderVAE
 from .diagnostics import active_units, effective_sample_size, gradient_snr, mutual_information
 from .elbo import ESTIMATORS, make_elbo
 from .errors import (
@@ -21,6 +24,7 @@ from .errors import (
     TrainingError,
 )
 from .evaluate import evaluate, log_likelihood
+from .freebits import FreeBits
 from .layers import MLP, GaussianBlock, GaussianHead, broadcast_cat
 from .likelihoods import BernoulliLikelihood, GaussianLikelihood, make_likelihood
 from .merge import precision_weighted
@@ -42,7 +46,10 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "ConfigError",
+    "ConvLadderConfig",
+    "ConvLadderVAE",
     "DataError",
+    "FreeBits",
     "LadderConfig",
     "LadderVAE",
     "LatentWeight",
