@@ -16,9 +16,10 @@ from pyro_ladder.freebits import FreeBits
 B, K = 3, 2  # data points, latent units
 
 
-def _normal_logpdf(v, loc, scale):
+def _normal_logpdf(v, loc, scale, per_unit=False):
     """Written out, not taken from torch.distributions: the test's independent truth."""
-    return (-0.5 * ((v - loc) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+    log_p = -0.5 * ((v - loc) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)
+    return log_p if per_unit else log_p.sum(-1)
 
 
 class Tiny:
@@ -52,16 +53,19 @@ def _x():
     return torch.randn(B, K, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
-def _hand_loss(pair, x, z_drawn, lam):
-    """``-(sum_b log p(x_b | z_b) - B max(lam, KL))`` per particle, averaged over particles;
+def _hand_loss(pair, x, z_drawn, lam, groups=1):
+    """``-(sum_b log p(x_b | z_b) - B sum_g max(lam, KL_g))`` per particle, averaged over
+    particles, groups ``g`` of ``K / groups`` consecutive units;
     ``z`` rebuilt from its noise so that gradients flow as under reparameterization."""
     loc, scale = pair.q(x)
     z = loc + scale * ((z_drawn - loc) / scale).detach()  # (S, B, K)
     one = torch.ones((), dtype=torch.float64)
     log_lik = _normal_logpdf(x, pair.w * z, one)  # (S, B)
-    kl = _normal_logpdf(z, loc, scale) - _normal_logpdf(z, 0 * z, one)  # (S, B)
-    batch_kl = kl.mean(-1)  # (S,)
-    objective = log_lik.sum(-1) - B * torch.maximum(batch_kl.new_tensor(lam), batch_kl)
+    kl = _normal_logpdf(z, loc, scale, True) - _normal_logpdf(z, 0 * z, one, True)  # (S, B, K)
+    kl = kl.reshape(*kl.shape[:-1], groups, K // groups).sum(-1)  # (S, B, G)
+    batch_kl = kl.mean(-2)  # (S, G)
+    floored = torch.maximum(batch_kl.new_tensor(lam), batch_kl).sum(-1)  # (S,)
+    objective = log_lik.sum(-1) - B * floored
     return -objective.mean(), batch_kl
 
 
@@ -71,15 +75,16 @@ def _drawn(pair, x, particles, seed=7):
         return poutine.trace(pair.guide).get_trace(x).nodes["z"]["value"]  # (S, B, K)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("particles", [1, 4])
 @pytest.mark.parametrize("lam", [0.0, 0.5, 3.0, 50.0])
-def test_objective_and_gradient_match_the_hand_computation(lam, particles):
+def test_objective_and_gradient_match_the_hand_computation(lam, particles, groups):
     pair, x = Tiny(), _x()
     elbo = Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
     pyro.set_rng_seed(7)
-    with FreeBits(lam):
+    with FreeBits(lam, groups=groups):
         loss = elbo.differentiable_loss(pair.model, pair.guide, x)
-    expected, batch_kl = _hand_loss(pair, x, _drawn(pair, x, particles), lam)
+    expected, batch_kl = _hand_loss(pair, x, _drawn(pair, x, particles), lam, groups)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     grads = torch.autograd.grad(loss, pair.params())
     hand = torch.autograd.grad(expected, pair.params())
@@ -174,3 +179,41 @@ def test_site_outside_the_data_plate_is_refused():
 
     with pytest.raises(ConfigError, match="plate"), FreeBits(1.0):
         Trace_ELBO().differentiable_loss(model, guide)
+
+
+def test_channel_groups_on_a_conv_ladder():
+    """groups=2 on latents of 2 channels: one floor per channel, each binding on its own."""
+    torch.manual_seed(0)
+    vae = ConvLadderVAE(image_shape=(8, 8), channels=(4, 4), latent_channels=(2, 2)).double()
+    x = torch.rand(4, 64, dtype=torch.float64).round()
+    pyro.set_rng_seed(3)
+    guide = poutine.trace(vae.guide).get_trace(x)
+    model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(x)
+    z = guide.nodes["z1"]["value"]  # (4, 2, 4, 4)
+    q, p = guide.nodes["z1"]["fn"].base_dist, model.nodes["z1"]["fn"].base_dist
+    per_channel = (q.log_prob(z) - p.log_prob(z)).sum((-1, -2)).mean(0)  # (2,): KL per channel
+    lam = per_channel.mean().item()  # between the two channels' KLs
+    assert per_channel.min() < lam < per_channel.max()
+    losses = []
+    for floor in (None, {"z1": lam}):
+        pyro.set_rng_seed(3)
+        if floor is None:
+            losses.append(Trace_ELBO().differentiable_loss(vae.model, vae.guide, x))
+            continue
+        with FreeBits(floor, groups=2):
+            losses.append(Trace_ELBO().differentiable_loss(vae.model, vae.guide, x))
+    expected = 4 * (lam - per_channel.min())  # only the channel below the floor moves
+    torch.testing.assert_close(losses[1] - losses[0], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_groups_that_do_not_divide_the_channels_are_refused():
+    torch.manual_seed(0)
+    vae = ConvLadderVAE(image_shape=(8, 8), channels=(4, 4), latent_channels=(3, 2)).double()
+    x = torch.rand(4, 64, dtype=torch.float64).round()
+    with (
+        pytest.raises(ConfigError, match="first event size divides by 2"),
+        FreeBits({"z1": 1.0}, groups=2),
+    ):
+        Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)
+    with pytest.raises(ConfigError, match="groups must be an integer"):
+        FreeBits(1.0, groups=0)
