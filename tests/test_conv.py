@@ -206,3 +206,16 @@ def test_fit_trains_it_with_warm_up_and_free_bits():
             progress=False,
         )
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
+
+
+@pytest.mark.parametrize("inference", ["top-down", "bottom-up"])
+def test_every_tensor_follows_the_data_device(inference):
+    """On the meta device a tensor made on the CPU by mistake would fail to mix with the
+    rest (the data checks need values, so the networks' model and guide are called)."""
+    vae = _vae(inference, dtype=torch.float32).to("meta")
+    x = torch.zeros(4, 144, device="meta")
+    with pyro.validation_enabled(False):
+        guide = poutine.trace(vae.inference.guide).get_trace(x, vae.generative)
+        model = poutine.trace(poutine.replay(vae.generative.model, trace=guide)).get_trace(x)
+        model.compute_log_prob()
+    assert all(model.nodes[n]["log_prob"].device.type == "meta" for n in ("z2", "z1", "x"))
