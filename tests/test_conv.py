@@ -102,7 +102,6 @@ def _estimators():
             yield name, inference
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace under jit-* on torch 2.14
 @pytest.mark.parametrize("name, inference", list(_estimators()))
 def test_every_estimator_gives_finite_loss_and_gradient_to_every_network(name, inference):
     vae, x = _vae(inference), _x(3)
