@@ -172,6 +172,9 @@ def test_bad_data_and_config_are_refused():
         vae.model(torch.zeros(2, 100, dtype=torch.float64))
     with pytest.raises(DataError, match="binary"):
         vae.model(torch.full((2, 144), 0.5, dtype=torch.float64))
+    with pytest.raises(DataError, match="unconditional"):
+        vae.check_data(_x(), c=torch.zeros(4))
+    assert vae.split(_x())[1] is None and vae.condition_dim == 0
     with pytest.raises(ConfigError, match="unknown config key"):
         ConvLadderVAE(image_shap=(8, 8))
     with pytest.raises(ConfigError, match="one of each"):
@@ -218,3 +221,12 @@ def test_every_tensor_follows_the_data_device(inference):
         model = poutine.trace(poutine.replay(vae.generative.model, trace=guide)).get_trace(x)
         model.compute_log_prob()
     assert all(model.nodes[n]["log_prob"].device.type == "meta" for n in ("z2", "z1", "x"))
+
+
+def test_run_layer_pictures_serve_it(tmp_path):
+    """The run folder's samples and reconstructions (what `train` and `report` draw)."""
+    from pyro_ladder.runs import folder
+
+    vae, x = _vae(dtype=torch.float32), _x(40, torch.float32)
+    folder.write_pictures(tmp_path, vae, x, (12, 12), [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reconstructions.png", "samples.png"]

@@ -50,6 +50,19 @@ class ConvLadderVAE(nn.Module):
     def depth(self) -> int:
         return self.config.depth
 
+    @property
+    def condition_dim(self) -> int:
+        """0: this model is unconditional (the run layer asks every model)."""
+        return 0
+
+    def split(self, x: torch.Tensor, c=None) -> tuple[torch.Tensor, None]:
+        """``(x, None)`` after the shape check, as :meth:`LadderVAE.split` for
+        unconditional data; a condition ``c`` is refused."""
+        if c is not None:
+            raise DataError("the convolutional ladder is unconditional: call it without c")
+        self._check_shape(x)
+        return x, None
+
     def model(self, x: torch.Tensor) -> None:
         """Pyro model ``p(z_L) prod p(z_i | z_{>i}) p(x | z)`` for flat ``x (B, H * W)``."""
         self.check_data(x)
@@ -81,10 +94,10 @@ class ConvLadderVAE(nn.Module):
                 f"model with the image_shape of your data"
             )
 
-    def check_data(self, x: torch.Tensor) -> None:
+    def check_data(self, x: torch.Tensor, c=None) -> None:
         """Raise :class:`DataError` if ``x`` does not suit this model (shape, support,
-        finite values)."""
-        self._check_shape(x)
+        finite values) or a condition ``c`` is given."""
+        self.split(x, c)
         if not torch.jit.is_tracing():  # the values were checked on the first, untraced call
             self.generative.likelihood.check(x)
 
