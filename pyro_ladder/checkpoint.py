@@ -1,6 +1,8 @@
 """Checkpoints as plain data: written atomically, read with ``torch.load(weights_only=True)``.
 
-A checkpoint holds the config (a dict), the networks' ``state_dict`` (tensors), a
+A checkpoint holds the model's ``kind`` (``"conv"`` for a
+:class:`~pyro_ladder.conv.ConvLadderVAE`; files without one hold a
+:class:`~pyro_ladder.vae.LadderVAE`), its config (a dict), the networks' ``state_dict`` (tensors), a
 ``meta`` dict of plain values and, while a run trains, the training state of
 :func:`~pyro_ladder.fit` (position, history, optimizer state, RNG states) so that
 :func:`load_training_checkpoint` can resume it exactly. Nothing in it is a pickled object,
@@ -19,8 +21,12 @@ from pyro.params import param_with_module_name
 
 from ._util import atomic_write
 from .config import LadderConfig
+from .conv import ConvLadderConfig, ConvLadderVAE
 from .errors import CheckpointError, ConfigError
 from .vae import LadderVAE
+
+KINDS = {"mlp": (LadderConfig, LadderVAE), "conv": (ConvLadderConfig, ConvLadderVAE)}
+"""Model kinds a checkpoint can hold: its config class and model class."""
 
 FORMAT = "pyro_ladder.checkpoint"
 VERSION = 2
@@ -47,6 +53,7 @@ def save_checkpoint(
     payload = {
         "format": FORMAT,
         "version": VERSION,
+        "kind": _kind_of(vae),
         "config": vae.config.to_dict(),
         "state_dict": vae.state_dict(),
         "meta": dict(meta or {}),
@@ -57,6 +64,17 @@ def save_checkpoint(
         payload["training"] = {**training, "optimizer": optimizer}
     payload["digest"] = digest(payload)
     return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def _kind_of(vae) -> str:
+    for kind, (_, cls) in KINDS.items():
+        if isinstance(vae, cls):
+            return kind
+    known = ", ".join(cls.__name__ for _, cls in KINDS.values())
+    raise CheckpointError(
+        f"save_checkpoint saves this library's models ({known}), not a "
+        f"{type(vae).__name__}: save its state_dict yourself"
+    )
 
 
 def digest(payload: dict) -> str:
@@ -105,11 +123,17 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[Ladder
 
 
 def _rebuild(path, payload: dict) -> tuple[LadderVAE, dict]:
+    kind = payload.get("kind", "mlp")  # files written before the conv ladder hold an MLP
+    if kind not in KINDS:
+        raise CheckpointError(
+            f"{path} holds a model of kind {kind!r}; this release reads {', '.join(KINDS)}"
+        )
+    config_class, model_class = KINDS[kind]
     try:
-        config = LadderConfig.from_dict(payload["config"])
+        config = config_class.from_dict(payload["config"])
     except ConfigError as err:
         raise CheckpointError(f"{path}: the stored config is invalid ({err})") from None
-    vae = LadderVAE.from_config(config)
+    vae = model_class.from_config(config)
     try:
         vae.load_state_dict(payload["state_dict"], strict=True)
     except (RuntimeError, TypeError, AttributeError) as err:

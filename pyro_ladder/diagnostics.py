@@ -108,7 +108,8 @@ def active_units(
 
     ``E_q[z_l | x]`` is the mean of the site's guide distribution averaged over
     ``num_samples`` draws of the sites sampled before it (exact for the first site).
-    Discrete sites (a categorical layer) have no units and are left out.
+    Discrete sites (a categorical layer) have no units and are left out. A spatial
+    site ``(C, h, w)`` has ``k = C * h * w`` units, flattened channel-major.
 
     :returns: ``{site: {"variance": (k,), "active": int, "units": k}}``.
     """
@@ -119,11 +120,11 @@ def active_units(
             for name, site in _guide_sites(guide, (x, *args), kwargs, num_samples):
                 if site["fn"].support.is_discrete:
                     continue
-                loc = site["fn"].mean.expand(site["value"].shape)  # (S, B, k)
-                means[name].append(loc.mean(0))  # (B, k)
+                loc = site["fn"].mean.expand(site["value"].shape)  # (S, B, *event)
+                means[name].append(loc.mean(0))  # (B, *event)
     out = {}
     for name, parts in means.items():
-        variance = torch.cat(parts).var(0)  # (k,)
+        variance = torch.cat(parts).var(0).flatten()  # (k,): spatial units flattened
         out[name] = {
             "variance": variance,
             "active": int((variance > threshold).sum()),
@@ -133,7 +134,9 @@ def active_units(
 
 
 @torch.no_grad()
-def mutual_information(guide, data, *args, num_samples: int = 16, **kwargs) -> dict:
+def mutual_information(
+    guide, data, *args, num_samples: int = 16, max_elements: int = 2**24, **kwargs
+) -> dict:
     r"""``I_q(x; z_l)`` per latent site in nats, over the data points in ``data``.
 
     The "ELBO surgery" decomposition ``E_x KL(q(z_l|x) || p(z_l)) - KL(q(z_l) || p(z_l))``
@@ -141,7 +144,9 @@ def mutual_information(guide, data, *args, num_samples: int = 16, **kwargs) -> d
     posterior ``q(z_l) = (1/N) sum_m q(z_l | x_m)`` over the ``N`` rows of ``data`` (so the
     estimate cannot exceed ``log N``: use a few hundred rows or more). For a site sampled
     after others, ``q(z_l | x)`` is the mixture of its conditional over ``num_samples`` draws
-    of those sites. Memory grows as ``N^2 * num_samples``.
+    of those sites. A site may have several event dimensions (a spatial ``(C, h, w)``
+    latent). The ``N^2 * num_samples * units`` log-densities are computed in chunks of
+    about ``max_elements``, so memory stays bounded.
 
     :returns: ``{site: float}``.
     """
@@ -150,15 +155,12 @@ def mutual_information(guide, data, *args, num_samples: int = 16, **kwargs) -> d
     with eval_mode(*modules_of(guide)):
         sites = _guide_sites(guide, (data, *args), kwargs, num_samples)
     for name, site in sites:
-        if site["value"].shape[:2] != (num_samples, n) or site["fn"].event_dim != 1:
+        if site["value"].shape[:2] != (num_samples, n) or site["fn"].event_dim < 1:
             raise ConfigError(
-                f"mutual_information needs site {name!r} shaped (particles, data, units) "
-                "inside pyro.plate('data') alone, with one event dimension"
+                f"mutual_information needs site {name!r} shaped (particles, data, *units) "
+                "inside pyro.plate('data') alone, with at least one event dimension"
             )
-        z = site["value"][0]  # (N, k): one draw per data point
-        fn = site["fn"]
-        # log density of every z_n under every q(. | x_m, upstream draw s): (N_z, S, N_x)
-        log_q = fn.log_prob(z.unsqueeze(1).unsqueeze(1)).expand(n, num_samples, n)
+        log_q = _cross_log_density(site["fn"], site["value"][0], max_elements)  # (N_z, S, N_x)
         log_q = log_q.logsumexp(1) - math.log(num_samples)  # (N_z, N_x): log q(z_n | x_m)
         own = log_q.diagonal()
         aggregate = log_q.logsumexp(1) - math.log(n)
@@ -166,12 +168,26 @@ def mutual_information(guide, data, *args, num_samples: int = 16, **kwargs) -> d
     return out
 
 
+def _cross_log_density(fn, z: torch.Tensor, max_elements: int) -> torch.Tensor:
+    """``fn.log_prob`` of every ``z_n (N, *event)`` under every component of ``fn`` (batch
+    ``(S, N)``): ``(N, S, N)``, a chunk of ``z`` rows at a time."""
+    per_row = max(1, fn.batch_shape.numel() * fn.event_shape.numel())
+    chunk = max(1, max_elements // per_row)
+    event = z.shape[1:]
+    parts = [
+        fn.log_prob(rows.reshape(len(rows), 1, 1, *event)).expand(len(rows), *fn.batch_shape)
+        for rows in z.split(chunk)
+    ]
+    return torch.cat(parts)  # (N_z, S, N_x)
+
+
 @torch.no_grad()
 def kl_per_unit(model, guide, data, *args, num_samples: int = 16, **kwargs) -> dict:
     """Mean ``KL(q(u | .) || p(u | .))`` per unit of every latent site, nats: ``{site: (k,)}``.
 
     For sites whose distributions factorize over units (``Independent`` over per-unit
-    distributions, or a per-unit distribution): analytic per unit where torch has the KL
+    distributions; a spatial ``(C, h, w)`` site has ``k = C * h * w`` units, flattened
+    channel-major): analytic per unit where torch has the KL
     (Gaussians), else ``log q(u) - log p(u)`` at the sampled unit (an elementwise flow
     prior, say); at the sampled parents, averaged over ``num_samples`` draws and the rows
     of ``data``. A site's units sum to its per-layer KL; the paper plots them sorted, on a
@@ -183,24 +199,25 @@ def kl_per_unit(model, guide, data, *args, num_samples: int = 16, **kwargs) -> d
         )
     out = {}
     for name, q_site in latent_sites(guide_trace):
-        per_unit = {"fn": _per_unit(q_site["fn"], name), "value": q_site["value"]}
-        p_fn = _per_unit(model_trace.nodes[name]["fn"], name)
-        kl, _ = site_kl(per_unit, {"fn": p_fn})  # (S, B, k)
+        q, n = _per_unit(q_site["fn"], name)  # n event dimensions: 1, or 3 for (C, h, w)
+        p, _ = _per_unit(model_trace.nodes[name]["fn"], name)
+        kl, _ = site_kl({"fn": q, "value": q_site["value"]}, {"fn": p})  # (S, B, *event)
+        kl = kl.flatten(-n) if n > 1 else kl  # (S, B, k)
         out[name] = kl.reshape(-1, kl.shape[-1]).mean(0)
     return out
 
 
 def _per_unit(fn, name):
-    """The per-unit distribution behind a site ``Independent(base, 1)``: ``base.log_prob``
-    has one value per unit (the last dimension)."""
+    """``(base, n)``: the per-unit distribution behind a site ``Independent(base, n)``
+    (``base.log_prob`` has one value per unit, over the last ``n`` dimensions)."""
     independent = isinstance(fn, torch.distributions.Independent)
-    if not independent or fn.reinterpreted_batch_ndims != 1 or fn.base_dist.event_shape != ():
+    if not independent or fn.base_dist.event_shape != ():
         raise ConfigError(
-            f"kl_per_unit needs sites that factorize over units, Independent(base, 1) with a "
-            f"per-unit base (dist.Normal(loc, scale).to_event(1)); {name!r} is "
+            f"kl_per_unit needs sites that factorize over units, Independent(base, n) with a "
+            f"per-unit base (dist.Normal(loc, scale).to_event(n)); {name!r} is "
             f"{type(fn).__name__} with event shape {tuple(fn.event_shape)}"
         )
-    return fn.base_dist
+    return fn.base_dist, fn.reinterpreted_batch_ndims
 
 
 def _particle_traces(model, guide, args, kwargs, num_samples):

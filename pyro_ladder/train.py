@@ -20,10 +20,18 @@ from .data import binarize as binarize_pixels
 from .elbo import make_elbo
 from .errors import ConfigError, TrainingError
 from .evaluate import evaluate
+from .freebits import FreeBits
 from .optim import Adam
 from .warmup import kl_weight, with_kl_weight
 
 log = logging.getLogger(__name__)
+
+FREE_BITS_ESTIMATORS = ("elbo", "meanfield", "tracegraph")
+"""Estimators whose objective free bits floor exactly (they score a model site by its
+``log_prob`` outside any log-mean-exp); see :mod:`pyro_ladder.freebits`."""
+
+ADDED_OPTIONS = {"free_bits": 0.0}
+"""Options of :func:`fit` newer than some saved runs, with the value those runs used."""
 
 
 def fit(
@@ -47,6 +55,7 @@ def fit(
     checkpoint=None,
     checkpoint_every: int | None = None,
     resume: dict | None = None,
+    free_bits: float = 0.0,
     **kwargs,
 ) -> list[dict]:
     """Train ``model``/``guide`` on ``data (N, ...)`` with ``pyro.infer.SVI``.
@@ -76,13 +85,18 @@ def fit(
         with already loaded): training continues from that point with the same random
         numbers, so the run ends bitwise equal to one that was never interrupted. The
         options must be those of the saved run; only ``epochs`` may grow.
+    :param free_bits: ``lambda`` in nats: each training step floors every latent layer's
+        batch-mean KL at ``lambda`` (:class:`~pyro_ladder.FreeBits`); the monitor still
+        scores the plain ELBO. 0 (the default) is off. Needs an ELBO estimator
+        (:data:`FREE_BITS_ESTIMATORS`), not an importance-weighted one.
     :returns: one dict per epoch: ``epoch``, ``loss`` (nats per example, the warmed-up
-        negative objective), ``kl_weight``, ``seconds``, and with ``monitor`` also
+        and floored negative objective), ``kl_weight``, ``seconds``, and with ``monitor`` also
         ``monitor_elbo`` and ``kl_<site>``.
     :raises TrainingError: when the loss becomes NaN or infinite (the message names the step;
         ``checkpoint`` is not called again, so the last good state stays on disk).
     """
     check_fit_options(data, epochs, batch_size, lr, warmup_epochs, checkpoint_every, seed)
+    check_free_bits(free_bits, elbo)
     options = {
         "elbo": elbo if isinstance(elbo, str) else type(elbo).__name__,
         "num_particles": num_particles,
@@ -91,6 +105,7 @@ def fit(
         "warmup_epochs": warmup_epochs,
         "binarize": bool(binarize),
         "num_rows": len(data),
+        "free_bits": float(free_bits),
     }
     if resume is None and seed is not None:
         pyro.set_rng_seed(seed)
@@ -184,12 +199,21 @@ class _Run:
 
     def _step(self, weight, batch) -> float:
         loss = guarded_loss(
-            lambda: self.svi.step(*weight, batch, *self.args, **self.kwargs),
+            lambda: self._floored(self.svi.step, *weight, batch, *self.args, **self.kwargs),
             lambda: pyro.get_param_store().values(),
         )
         if loss is None or not math.isfinite(loss):
             raise diverged(f"epoch {self.epoch + 1}, step {self.step + 1}", loss)
         return loss
+
+    def _floored(self, step, *args, **kwargs) -> float:
+        """``step``'s loss, under free bits when they are on (a fresh handler per step:
+        it holds the step's guide distributions)."""
+        lam = self.options["free_bits"]
+        if not lam:
+            return step(*args, **kwargs)
+        with FreeBits(lam):
+            return step(*args, **kwargs)
 
     def _finish_epoch(self, record, bar, writer, callback) -> None:
         self.history.append(record)
@@ -226,7 +250,7 @@ class _Run:
 
     def restore(self, state: dict, epochs: int) -> None:
         """Continue from ``state`` (see :meth:`_save`); refuse it if the options differ."""
-        saved = state.get("options", {})
+        saved = {**ADDED_OPTIONS, **state.get("options", {})}
         changed = sorted(k for k in self.options if saved.get(k) != self.options[k])
         if changed:
             was = ", ".join(f"{k}={saved.get(k)!r} (now {self.options[k]!r})" for k in changed)
@@ -321,6 +345,22 @@ def diverged(where: str, loss: float | None = None) -> TrainingError:
         f"the loss became {became} at {where}: lower the learning rate (argument `lr`), "
         "add warm-up (argument `warmup_epochs`), or check the data for extreme values"
     )
+
+
+def check_free_bits(free_bits, elbo) -> None:
+    """Raise :class:`ConfigError` unless ``free_bits`` is a number >= 0 (nats) usable with
+    the estimator ``elbo`` (a name or an ELBO object, which the caller answers for)."""
+    if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)):
+        raise ConfigError(f"free_bits must be a number of nats >= 0, got {free_bits!r}")
+    if not (math.isfinite(free_bits) and free_bits >= 0):
+        raise ConfigError(f"free_bits must be a finite number of nats >= 0, got {free_bits!r}")
+    if free_bits and isinstance(elbo, str) and elbo not in FREE_BITS_ESTIMATORS:
+        raise ConfigError(
+            f"argument `free_bits` floors the KL terms of an ELBO, but argument `elbo` {elbo} "
+            "folds them inside an importance-weighted or otherwise reshaped objective: use "
+            f"argument `elbo` {' / '.join(FREE_BITS_ESTIMATORS)} with free bits, or drop "
+            "argument `free_bits`"
+        )
 
 
 def check_fit_options(

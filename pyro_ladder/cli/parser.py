@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import INFERENCES, PRESETS
+from ..conv import CONV_PRESETS
 from ..data import DATASETS
 from ..elbo import ESTIMATORS, describe_estimators
 from ..likelihoods import LIKELIHOODS
@@ -61,11 +62,20 @@ def _add_train(sub):
     _add_data_dir(p)
     p.add_argument(
         "--preset",
-        choices=sorted(PRESETS),
-        help="named network (default: digits for digits, paper-mnist otherwise)",
+        choices=sorted(PRESETS) + sorted(CONV_PRESETS),
+        help="named network (default: digits for digits, paper-mnist otherwise); conv-mnist "
+        "and conv-small are convolutional ladders sized from the data's image shape",
     )
-    p.add_argument("--latent-dims", type=_sizes, help="sizes of z1..zL, e.g. 64,32,16,8,4")
-    p.add_argument("--hidden-dims", type=_sizes, help="MLP widths per layer, e.g. 512,256,128")
+    p.add_argument(
+        "--latent-dims",
+        type=_sizes,
+        help="sizes of z1..zL, e.g. 64,32,16,8,4 (conv presets: channels of z1..zL)",
+    )
+    p.add_argument(
+        "--hidden-dims",
+        type=_sizes,
+        help="MLP widths per layer, e.g. 512,256,128 (conv presets: channels per layer)",
+    )
     p.add_argument("--inference", default=_DEFAULT.inference, choices=INFERENCES)
     p.add_argument(
         "--condition",
@@ -95,7 +105,18 @@ def _add_train(sub):
         help="KL warm-up length (default: a tenth of the epochs, as in the paper)",
     )
     p.add_argument(
-        "--batch-norm", action=argparse.BooleanOptionalAction, default=_DEFAULT.batch_norm
+        "--batch-norm",
+        action=argparse.BooleanOptionalAction,
+        default=_DEFAULT.batch_norm,
+        help="batch norm in every network (default: on for MLP presets, off for conv ones)",
+    )
+    p.add_argument(
+        "--free-bits",
+        type=_nonnegative_float,
+        default=_DEFAULT.free_bits,
+        metavar="NATS",
+        help="floor each latent layer's KL at NATS in training (Kingma et al. 2016; ELBO "
+        "estimators only); the monitor and the evaluation score the plain ELBO (default 0: off)",
     )
     p.add_argument(
         "--eval-samples",
@@ -292,6 +313,16 @@ def _labels(text: str) -> tuple[int, ...]:
 
 def _nonnegative_int(text: str) -> int:
     return 0 if text.strip() == "0" else _positive_int(text)
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
 
 
 def _positive_float(text: str) -> float:

@@ -70,7 +70,8 @@ def _figures(out, vae, test, labels, image_shape, units, kl_units, history) -> l
     save_figure(kl_per_unit_figure(kl_units, units), out / "kl_per_unit.png")
     with torch.no_grad(), eval_mode(vae):
         trace = pyro.poutine.trace(vae.guide).get_trace(test)
-    latents = {f"z{i}": trace.nodes[f"z{i}"]["value"] for i in range(1, vae.depth + 1)}
+    # spatial latents (N, C, h, w) as (N, C * h * w): PCA sees every unit of a layer
+    latents = {f"z{i}": trace.nodes[f"z{i}"]["value"].flatten(1) for i in range(1, vae.depth + 1)}
     title = f"{vae.config.inference} posterior samples, PCA per layer"
     save_figure(pca_figure(latents, labels, title), out / "pca.png")
     names = ["samples.png", "reconstructions.png", "kl_per_unit.png", "pca.png"]

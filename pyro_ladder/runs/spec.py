@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import LadderConfig, preset
+from ..conv import CONV_PRESETS, ConvLadderConfig, conv_preset
 from ..errors import ConfigError
 
 DATASETS_WITH_LABELS = ("digits", "mnist", "fashion-mnist")
@@ -19,6 +20,11 @@ def default_preset(dataset: str) -> str:
     return "digits" if dataset == "digits" else "paper-mnist"
 
 
+def is_conv(preset_name: str | None) -> bool:
+    """Whether ``preset_name`` names a convolutional network (:data:`CONV_PRESETS`)."""
+    return preset_name in CONV_PRESETS
+
+
 def default_epochs(dataset: str) -> int:
     """Epochs unless given: the small digits train long, image data sets briefly."""
     return 200 if dataset == "digits" else 10
@@ -27,7 +33,7 @@ def default_epochs(dataset: str) -> int:
 RESUMABLE = (
     "dataset", "preset", "latent_dims", "hidden_dims", "inference", "condition", "likelihood",
     "elbo", "particles", "epochs", "batch_size", "lr", "warmup_epochs", "batch_norm",
-    "eval_samples", "eval_limit", "seed", "checkpoint_every",
+    "eval_samples", "eval_limit", "seed", "checkpoint_every", "free_bits",
 )  # fmt: skip
 """The fields stored in a run's checkpoint; resuming takes them from it."""
 
@@ -43,8 +49,8 @@ class RunSpec:
     dataset: str = "digits"  # embedded, no download
     data_dir: Path | None = None  # where data files live; None: $PYRO_LADDER_DATA, then cache
     preset: str | None = None  # None: default_preset(dataset)
-    latent_dims: tuple[int, ...] | None = None  # None: the preset's
-    hidden_dims: tuple[int, ...] | None = None  # None: the preset's
+    latent_dims: tuple[int, ...] | None = None  # None: the preset's (conv: latent channels)
+    hidden_dims: tuple[int, ...] | None = None  # None: the preset's (conv: channels)
     inference: str = "top-down"  # the ladder; "bottom-up" is the classic hierarchical VAE
     condition: str | None = None  # "label": a class-conditional model p(x | c)
     likelihood: str | None = None  # None: gaussian for continuous data, bernoulli otherwise
@@ -54,7 +60,8 @@ class RunSpec:
     batch_size: int = 100  # rows per step (per process)
     lr: float = 1e-3  # Adam learning rate
     warmup_epochs: int | None = None  # None: a tenth of the epochs, as in the paper
-    batch_norm: bool = True  # the paper's choice for deep ladders
+    batch_norm: bool | None = None  # None: on for MLPs (the paper's choice), off for conv
+    free_bits: float = 0.0  # KL floor per latent layer in nats (Kingma et al. 2016); 0: off
     eval_samples: int = 5000  # importance samples K of the final test log p(x)
     eval_limit: int | None = None  # score the first N test images only; None: all
     seed: int = 0  # seeds the model's initial weights and training
@@ -90,8 +97,12 @@ class RunSpec:
         """This spec with every per-data-set default filled in, for data of ``kind``
         (``"continuous"``, ``"grey"`` or ``"binary"``). Resolving twice changes nothing."""
         epochs = self.epochs or default_epochs(self.dataset)
+        name = self.preset or default_preset(self.dataset)
+        # conv: batch statistics couple the particles of a step (issue 21)
+        batch_norm = not is_conv(name) if self.batch_norm is None else self.batch_norm
         return self.replace(
-            preset=self.preset or default_preset(self.dataset),
+            preset=name,
+            batch_norm=batch_norm,
             likelihood=self.likelihood or ("gaussian" if kind == "continuous" else "bernoulli"),
             epochs=epochs,
             warmup_epochs=epochs // 10 if self.warmup_epochs is None else self.warmup_epochs,
@@ -102,13 +113,8 @@ class RunSpec:
         return {k: _plain(getattr(self, k)) for k in RESUMABLE}
 
     def config(self, x_dim: int, condition_dim: int = 0) -> LadderConfig:
-        """The network of a resolved spec for data of ``x_dim`` features."""
-        if self.inference == "bottom-up" and "meanfield" in self.elbo:
-            raise ConfigError(
-                "argument `elbo` meanfield needs the guide to sample in the model's "
-                "(top-down) order; use it with argument `inference` top-down, or pick "
-                "argument `elbo` elbo for bottom-up"
-            )
+        """The MLP network of a resolved spec for data of ``x_dim`` features."""
+        self._check_order()
         overrides = {
             "likelihood": self.likelihood,
             "inference": self.inference,
@@ -120,6 +126,36 @@ class RunSpec:
         if self.hidden_dims:
             overrides["hidden_dims"] = self.hidden_dims
         return preset(self.preset, x_dim, **overrides)
+
+    def conv_config(self, image_shape: tuple[int, int]) -> ConvLadderConfig:
+        """The convolutional network of a resolved spec (a conv preset) for images of
+        ``image_shape (H, W)``: ``latent_dims`` and ``hidden_dims``, when given, are its
+        latent channels and deterministic channels per layer."""
+        self._check_order()
+        if self.condition is not None:
+            raise ConfigError(
+                f"argument `preset` {self.preset} is unconditional: drop argument `condition`, "
+                "or choose an MLP preset (paper-mnist, digits, small) for a conditional model"
+            )
+        overrides = {
+            "image_shape": tuple(image_shape),
+            "likelihood": self.likelihood,
+            "inference": self.inference,
+            "batch_norm": self.batch_norm,
+        }
+        if self.latent_dims:
+            overrides["latent_channels"] = self.latent_dims
+        if self.hidden_dims:
+            overrides["channels"] = self.hidden_dims
+        return conv_preset(self.preset, **overrides)
+
+    def _check_order(self) -> None:
+        if self.inference == "bottom-up" and "meanfield" in self.elbo:
+            raise ConfigError(
+                "argument `elbo` meanfield needs the guide to sample in the model's "
+                "(top-down) order; use it with argument `inference` top-down, or pick "
+                "argument `elbo` elbo for bottom-up"
+            )
 
 
 def _plain(value):

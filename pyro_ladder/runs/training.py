@@ -21,13 +21,14 @@ import torch
 
 from .. import __version__
 from ..checkpoint import load_training_checkpoint, save_checkpoint
+from ..conv import ConvLadderVAE
 from ..data import load_dataset
 from ..errors import ConfigError, TrainingError
 from ..evaluate import evaluate
-from ..train import check_fit_options, fit
+from ..train import check_fit_options, check_free_bits, fit
 from ..vae import LadderVAE
 from . import folder
-from .spec import DATASETS_WITH_LABELS, RESUMABLE, RunSpec, from_options
+from .spec import DATASETS_WITH_LABELS, RESUMABLE, RunSpec, from_options, is_conv
 from .testset import dynamic_binarization, test_set, with_labels
 
 MONITOR_ROWS = 500  # held-out rows of the per-epoch monitor
@@ -86,8 +87,9 @@ def resume(out: Path, given: RunSpec | None = None, *, echo=_quiet) -> dict:
 
 def _resumed_spec(out: Path, stored, given: RunSpec) -> RunSpec:
     if isinstance(stored, dict):
-        # 0.1.0 runs saved before `condition` existed lack it; this shim ends in 0.2.0
-        stored = {"condition": None, **stored}
+        # 0.1.0 runs saved before `condition` and `free_bits` existed lack them; this shim
+        # ends in 0.2.0
+        stored = {"condition": None, "free_bits": 0.0, **stored}
     if not isinstance(stored, dict) or set(stored) != set(RESUMABLE):
         raise ConfigError(f"{out}/checkpoint.pt does not record the options of its run")
     defaults, run = RunSpec(), from_options(stored)
@@ -103,8 +105,13 @@ def _resumed_spec(out: Path, stored, given: RunSpec) -> RunSpec:
     return run.replace(epochs=given.epochs or run.epochs, **kept)
 
 
-def build_model(spec: RunSpec, data) -> LadderVAE:
-    """The network of a resolved ``spec`` for ``data``, its weights drawn from the seed."""
+def build_model(spec: RunSpec, data) -> LadderVAE | ConvLadderVAE:
+    """The network of a resolved ``spec`` for ``data``, its weights drawn from the seed:
+    a :class:`ConvLadderVAE` for a conv preset, else a :class:`LadderVAE`."""
+    if is_conv(spec.preset):
+        config = spec.conv_config(data.image_shape)
+        pyro.set_rng_seed(spec.seed)
+        return ConvLadderVAE.from_config(config)
     condition_dim = num_classes(spec.dataset, data) if spec.condition == "label" else 0
     config = spec.config(data.x_dim, condition_dim)
     pyro.set_rng_seed(spec.seed)
@@ -130,6 +137,12 @@ def checked_test_set(spec: RunSpec, vae, data) -> torch.Tensor:
         data.train, spec.epochs, spec.batch_size, spec.lr, spec.warmup_epochs,
         spec.checkpoint_every, spec.seed,
     )  # fmt: skip
+    check_free_bits(spec.free_bits, spec.elbo)
+    if spec.free_bits and spec.distributed:
+        raise ConfigError(
+            "argument `free_bits` runs in one process for now: drop it, or the options "
+            "that start Lightning"
+        )
     return test
 
 
@@ -166,6 +179,7 @@ def _train_one(spec, vae, data, test, meta, out, training, echo) -> dict:
             seed=spec.seed, binarize=dynamic_binarization(data.kind, spec.likelihood),
             monitor=test[:MONITOR_ROWS], progress=spec.progress, tensorboard=spec.tensorboard,
             checkpoint=saver, checkpoint_every=spec.checkpoint_every, resume=training,
+            free_bits=spec.free_bits,
         )  # fmt: skip
     except TrainingError as err:
         raise TrainingError(f"{err}. {saver.where()}") from None
@@ -284,6 +298,7 @@ def _metrics(spec, vae, result, train_seconds, num_test) -> dict:
         "particles": spec.particles,
         "epochs": spec.epochs,
         "warmup_epochs": spec.warmup_epochs,
+        "free_bits": spec.free_bits,
         "batch_size": spec.batch_size,
         "lr": spec.lr,
         "seed": spec.seed,
