@@ -277,3 +277,21 @@ def test_fit_refuses_bad_free_bits():
     with pytest.raises(ConfigError, match="argument `elbo` iwae"):
         fit(vae.model, vae.guide, x, epochs=1, batch_size=4, free_bits=1.0, elbo="iwae",
             progress=False)  # fmt: skip
+
+
+def test_fit_resumes_states_saved_before_free_bits_existed():
+    """A training state without the ``free_bits`` option (saved before it existed) resumes
+    with free bits off, and is refused with them on."""
+    vae = _conv()
+    torch.manual_seed(3)
+    x = torch.rand(8, 36).round()
+    states = []
+    fit(vae.model, vae.guide, x, epochs=1, batch_size=4, progress=False,
+        checkpoint=lambda s: states.append(copy.deepcopy(s)))  # fmt: skip
+    old = states[-1]
+    assert old["options"].pop("free_bits") == 0.0
+    history = fit(vae.model, vae.guide, x, epochs=2, batch_size=4, progress=False, resume=old)
+    assert [r["epoch"] for r in history] == [1, 2]
+    with pytest.raises(ConfigError, match="free_bits=0.0 \\(now 1.0\\)"):
+        fit(vae.model, vae.guide, x, epochs=2, batch_size=4, progress=False, resume=old,
+            free_bits=1.0)  # fmt: skip
