@@ -4,6 +4,7 @@ resume, checkpoints of kind "conv", spatial diagnostics, and free bits in ``fit`
 import copy
 import json
 import math
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -11,7 +12,7 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_ladder import ConfigError, evaluate, fit
+from pyro_ladder import ConfigError, evaluate, fit, make_elbo
 from pyro_ladder.checkpoint import digest, load_checkpoint, save_checkpoint
 from pyro_ladder.cli import main
 from pyro_ladder.conv import ConvLadderVAE
@@ -295,3 +296,24 @@ def test_fit_resumes_states_saved_before_free_bits_existed():
     with pytest.raises(ConfigError, match="free_bits=0.0 \\(now 1.0\\)"):
         fit(vae.model, vae.guide, x, epochs=2, batch_size=4, progress=False, resume=old,
             free_bits=1.0)  # fmt: skip
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
+def test_conv_mnist_is_built_for_binarized_mnist():
+    """What `pyro-ladder train --preset conv-mnist --dataset binarized-mnist` builds."""
+    from pyro_ladder.data import load_dataset
+    from pyro_ladder.runs import build_model
+    from pyro_ladder.runs.training import checked_test_set
+
+    data = load_dataset("binarized-mnist", SHARED)
+    spec = RunSpec(dataset="binarized-mnist", preset="conv-mnist", eval_limit=8)
+    spec = spec.resolved(data.kind)
+    vae = build_model(spec, data)
+    assert isinstance(vae, ConvLadderVAE) and vae.config.image_shape == (28, 28)
+    assert sum(p.numel() for p in vae.parameters()) == 468_689
+    test = checked_test_set(spec, vae, data)
+    loss = make_elbo("elbo").loss(vae.model, vae.guide, test)
+    assert math.isfinite(loss) and 0 < loss / len(test) < 784 * math.log(2) * 2
