@@ -317,3 +317,17 @@ def test_conv_mnist_is_built_for_binarized_mnist():
     test = checked_test_set(spec, vae, data)
     loss = make_elbo("elbo").loss(vae.model, vae.guide, test)
     assert math.isfinite(loss) and 0 < loss / len(test) < 784 * math.log(2) * 2
+
+
+def test_a_conv_run_trains_through_lightning_on_one_process(tmp_path, capsys):
+    pytest.importorskip("lightning")
+    run = tmp_path / "run"
+    argv = ["train", *CONV, "--epochs", "1", "--accelerator", "cpu", "--out", str(run)]
+    status, _, err = _run(argv, capsys)
+    assert status == 0, err
+    vae, meta = load_checkpoint(run / "checkpoint.pt")
+    assert isinstance(vae, ConvLadderVAE) and meta["processes"] == 1
+    status, _, err = _run([*argv[:-2], "--free-bits", "0.5", "--out", str(tmp_path / "fb")],
+                          capsys)  # fmt: skip
+    assert status == 2 and "--free-bits runs in one process" in err
+    assert not (tmp_path / "fb").exists()
