@@ -356,10 +356,10 @@ def check_free_bits(free_bits, elbo) -> None:
         raise ConfigError(f"free_bits must be a finite number of nats >= 0, got {free_bits!r}")
     if free_bits and isinstance(elbo, str) and elbo not in FREE_BITS_ESTIMATORS:
         raise ConfigError(
-            f"argument `free_bits` floors the KL terms of an ELBO, but argument `elbo` {elbo} "
-            "folds them inside an importance-weighted or otherwise reshaped objective: use "
-            f"argument `elbo` {' / '.join(FREE_BITS_ESTIMATORS)} with free bits, or drop "
-            "argument `free_bits`"
+            f"argument `free_bits` floors the KL terms of an ELBO, and argument `elbo` {elbo} "
+            "is not one it floors exactly (an importance-weighted bound folds them inside "
+            f"its log-mean-exp): use argument `elbo` {' / '.join(FREE_BITS_ESTIMATORS)} with "
+            "free bits, or drop argument `free_bits`"
         )
 
 
