@@ -26,6 +26,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 
+from ._util import without_side_effects
 from .errors import ConfigError
 
 DATA_PLATE = "data"
@@ -61,8 +62,9 @@ def particle_plate(name: str, size: int, nesting: int):
 
 def max_plate_nesting(model, guide, args, kwargs) -> int:
     """Deepest plate used by the guide or the model (None: the guide alone), from one trace
-    of each."""
-    traces = [t for t in particle_traces(model, guide, args, kwargs) if t is not None]
+    of each, taken without side effects (:func:`~pyro_ladder._util.without_side_effects`)."""
+    with without_side_effects(model, guide):
+        traces = [t for t in particle_traces(model, guide, args, kwargs) if t is not None]
     dims = [
         -f.dim
         for trace in traces

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+import pyro.util
+import torch
 from torch import nn
 
 
@@ -33,6 +35,39 @@ def eval_mode(*modules: nn.Module):
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
+
+
+@contextlib.contextmanager
+def preserved_state(*fns):
+    """Inside the block, anything goes; after it, the random state (torch, Python, NumPy)
+    and the buffers of the modules behind ``fns`` (batch-norm running statistics) are as
+    they were before. Modules are found as :func:`modules_of` finds them (bound methods
+    such as ``vae.model``); a pair of plain functions keeps its own buffers."""
+    rng = pyro.util.get_rng_state()
+    buffers = [(b, b.detach().clone()) for m in modules_of(*fns) for b in m.buffers()]
+    try:
+        yield
+    finally:
+        pyro.util.set_rng_state(rng)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+
+
+@contextlib.contextmanager
+def without_side_effects(*fns):
+    """Run a probe (one trace of a pair, to learn its plate structure) and leave no trace
+    of it: :func:`preserved_state`, no gradient graph, and a reuse scope of its own whose
+    outputs serve nothing after it.
+
+    Without this a probe run in training mode moves batch-norm statistics and uses random
+    numbers, so a run resumed with a fresh estimator (which probes again) would part from
+    the uninterrupted one.
+    """
+    from ._memo import ReuseOutputs
+
+    with preserved_state(*fns), torch.no_grad(), ReuseOutputs():
+        yield
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:

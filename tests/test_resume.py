@@ -189,3 +189,35 @@ def test_same_seed_same_metrics(tmp_path):
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
     assert (tmp_path / "a" / "history.csv").read_text().split("\n")[0] == \
         (tmp_path / "b" / "history.csv").read_text().split("\n")[0]
+
+
+@pytest.mark.parametrize(
+    "elbo, particles", [("elbo", 2), ("iwae", 2), ("stl", 1), ("iwae-dreg", 2)]
+)
+def test_a_fresh_estimator_probes_without_side_effects(tmp_path, elbo, particles):
+    """Resuming builds a fresh estimator, which traces the pair once to learn its plates:
+    that probe must not move batch-norm statistics or use random numbers, or the resumed
+    run parts from the uninterrupted one (estimators that probe: vectorized particles and
+    the weighted family)."""
+    options = dict(elbo=elbo, num_particles=particles, warmup_epochs=0)
+    torch.manual_seed(1)
+    vae = LadderVAE(6, (3, 2), (8, 4), batch_norm=elbo != "iwae-dreg")
+    history, saves = _train(tmp_path / "ref", vae, **options)
+    pyro.clear_param_store()
+    resumed, _, training = load_training_checkpoint(saves[3])  # mid-run, within epoch 2
+    again, _ = _train(tmp_path / "again", resumed, resume=training, **options)
+    assert _without_time(again) == _without_time(history)
+    assert _same_weights(resumed.state_dict(), vae.state_dict())
+
+
+def test_the_probe_leaves_statistics_and_random_state_alone():
+    from pyro_ladder._traces import max_plate_nesting
+
+    torch.manual_seed(0)
+    vae = LadderVAE(6, (3, 2), (8, 4))
+    x = _data()[:10].round()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    state = torch.get_rng_state()
+    assert max_plate_nesting(vae.model, vae.guide, (x,), {}) == 1
+    assert torch.equal(torch.get_rng_state(), state)
+    assert _same_weights(vae.state_dict(), before)

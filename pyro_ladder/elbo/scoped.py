@@ -11,6 +11,7 @@ from __future__ import annotations
 from pyro import infer
 
 from .._memo import scoped
+from .._util import without_side_effects
 
 _METHODS = ("loss", "loss_and_grads", "differentiable_loss")
 
@@ -25,6 +26,12 @@ class ScopedELBO:
             method = getattr(cls, name, None)
             if method is not None and not getattr(method, "_scoped", False):
                 setattr(cls, name, scoped(method))
+
+    def _guess_max_plate_nesting(self, model, guide, args, kwargs):
+        """Pyro's one-trace guess of the plate nesting, leaving the random state and the
+        pair's batch-norm statistics as they were (a resumed run probes again)."""
+        with without_side_effects(model, guide):
+            super()._guess_max_plate_nesting(model, guide, args, kwargs)
 
 
 class Trace_ELBO(ScopedELBO, infer.Trace_ELBO):
