@@ -52,8 +52,12 @@ def parse(argv=None):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--budget-seconds", type=float, default=45.0,
-                   help="training wall-clock per run (ends at the first epoch end after it)")
+    p.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=45.0,
+        help="training wall-clock per run (ends at the first epoch end after it)",
+    )
     p.add_argument("--epochs", type=int, default=10_000, help="an upper bound besides the budget")
     p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128)
@@ -63,10 +67,17 @@ def parse(argv=None):
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--jobs", type=int, default=1, help="processes at a time (at most 14)")
-    p.add_argument("--deadline-seconds", type=float, default=None,
-                   help="stop the sweep after this; runs not finished are listed as failed")
-    p.add_argument("--quick", action="store_true",
-                   help="seconds: a 2 s budget on 256 images, K=10 on 50 test images")
+    p.add_argument(
+        "--deadline-seconds",
+        type=float,
+        default=None,
+        help="stop the sweep after this; runs not finished are listed as failed",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="seconds: a 2 s budget on 256 images, K=10 on 50 test images",
+    )
     p.add_argument("--out", type=Path, default=Path("docs/results/conv_vs_mlp"))
     args = p.parse_args(argv)  # fmt: skip
     if args.quick:

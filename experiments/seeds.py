@@ -40,8 +40,12 @@ def parse(argv=None):
     p.add_argument("--depths", default="1,2,3,4,5")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--budget-seconds", type=float, default=None,
-                   help="also stop a run's training at the first epoch end after this")
+    p.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=None,
+        help="also stop a run's training at the first epoch end after this",
+    )
     p.add_argument("--warmup-epochs", type=int, default=None, help="default: epochs // 10")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -50,10 +54,17 @@ def parse(argv=None):
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--jobs", type=int, default=1, help="processes at a time (at most 14)")
-    p.add_argument("--deadline-seconds", type=float, default=None,
-                   help="stop the sweep after this; runs not finished are listed as failed")
-    p.add_argument("--quick", action="store_true",
-                   help="seconds: 2 epochs on 200 images, K=10 on 50 test images")
+    p.add_argument(
+        "--deadline-seconds",
+        type=float,
+        default=None,
+        help="stop the sweep after this; runs not finished are listed as failed",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="seconds: 2 epochs on 200 images, K=10 on 50 test images",
+    )
     p.add_argument("--out", type=Path, default=Path("docs/results/seeds"))
     args = p.parse_args(argv)  # fmt: skip
     if args.quick:

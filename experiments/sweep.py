@@ -36,7 +36,8 @@ from pyro_ladder.runs import dynamic_binarization, test_set
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = Path(pyro_ladder.__file__).resolve().parents[1]  # the folder this pyro_ladder is in
-EVAL_ROWS = {"cpu": 2**12, "cuda": 2**16}  # evaluate's max_rows: cache-sized on a CPU, wide on a GPU
+# evaluate's max_rows: cache-sized blocks on a CPU, wide passes on a GPU
+EVAL_ROWS = {"cpu": 2**12, "cuda": 2**16}
 
 
 # ----------------------------------------------------------------------------- the parent
