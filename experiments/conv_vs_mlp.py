@@ -92,12 +92,14 @@ def parse(argv=None):
 
 
 def specs(args, data_paths: dict) -> list[dict]:
-    """One spec per (data set, model, seed); conv models first (their scoring is longest)."""
+    """One spec per (data set, model, seed): seed by seed, so that a sweep cut short by its
+    deadline loses the last seeds rather than whole rows; conv models first (their scoring
+    takes longest)."""
     models = sorted(args.models.split(","), key=lambda m: list(MODELS).index(m))
     out = []
-    for model in models:
-        for dataset in args.datasets.split(","):
-            for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for model in models:
+            for dataset in args.datasets.split(","):
                 family, inference = MODELS[model]
                 out.append({
                     "name": f"{dataset}-{model}-s{seed}", "dataset": dataset, "model": model,

@@ -77,10 +77,11 @@ def parse(argv=None):
 
 
 def specs(args, data_path: Path) -> list[dict]:
-    """One spec per (seed, depth, inference), deepest first (the longest runs start first)."""
+    """One spec per (seed, depth, inference): seed by seed, so that a sweep cut short by its
+    deadline loses the last seeds rather than whole rows; deepest (longest) runs first."""
     out = []
-    for depth in sorted((int(d) for d in args.depths.split(",")), reverse=True):
-        for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for depth in sorted((int(d) for d in args.depths.split(",")), reverse=True):
             for inference in INFERENCES:
                 out.append({
                     "name": f"{inference}-L{depth}-s{seed}", "inference": inference,

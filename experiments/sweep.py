@@ -55,9 +55,9 @@ def cache_data(data, likelihood: str, eval_limit: int | None, train_limit, path:
     """Write the training rows and the scored test rows (the shared test-set policy,
     binarized on the CPU once) to ``path``, so workers load them in a blink."""
     train = data.train if train_limit is None else data.train[:train_limit]  # (N, D)
-    payload = {
-        "train": train.contiguous(),
-        "test": test_set(data, likelihood, eval_limit).contiguous(),  # (M, D)
+    payload = {  # clone: a saved slice would carry the whole data set's storage
+        "train": train.clone(),
+        "test": test_set(data, likelihood, eval_limit).clone(),  # (M, D)
         "binarize": dynamic_binarization(data.kind, likelihood),
         "image_shape": list(data.image_shape),
         "name": data.name,
