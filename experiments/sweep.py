@@ -105,9 +105,9 @@ def _start(script: Path, spec: dict, out: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     # the workers import the same pyro_ladder as this process, wherever it was found
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LIBRARY), env.get("PYTHONPATH")]))
-    log = open(out / "logs" / f"{spec['name']}.log", "w")  # noqa: SIM115 (the child holds it)
     cmd = [sys.executable, str(script), "--worker", str(path)]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    with open(out / "logs" / f"{spec['name']}.log", "w") as log:  # the child keeps its copy
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
 def _stop(proc: subprocess.Popen) -> None:

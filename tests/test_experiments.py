@@ -4,6 +4,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pyro
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,3 +75,147 @@ def test_conditional_digits_smoke(tmp_path):
         assert 0.0 <= row["samples_read_as_asked"] <= 1.0
         assert ("classifier_accuracy" in row) == ("| c" in name)
     assert (tmp_path / "samples.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------- the sweeps over seeds
+
+
+def test_sweep_mean_sd_and_summary_by_hand():
+    """Sample standard deviation (n - 1), per group and per layer, against hand values."""
+    sweep = _load("sweep")
+    assert sweep.mean_sd([1.0, 2.0, 4.0]) == pytest.approx(
+        {"mean": 7 / 3, "sd": (7 / 3) ** 0.5, "n": 3})
+    assert sweep.mean_sd([5.0]) == {"mean": 5.0, "sd": None, "n": 1}
+    rows = [
+        {"depth": 2, "inference": "td", "seed": 1, "ll": -3.0, "kl": {"z1": 1.0, "z2": 0.0}},
+        {"depth": 1, "inference": "td", "seed": 0, "ll": -9.0, "kl": {"z1": 4.0}},
+        {"depth": 2, "inference": "td", "seed": 0, "ll": -1.0, "kl": {"z1": 3.0, "z2": 2.0}},
+    ]
+    summary = sweep.summarize(rows, ("depth", "inference"), ("ll",), ("kl",))
+    assert [(r["depth"], r["seeds"]) for r in summary] == [(2, [0, 1]), (1, [0])]
+    two = summary[0]
+    assert two["ll"] == {"mean": -2.0, "sd": pytest.approx(2 ** 0.5), "n": 2}
+    assert two["kl"]["z2"] == {"mean": 1.0, "sd": pytest.approx(2 ** 0.5), "n": 2}
+    assert sweep.fmt(two["ll"]) == "-2.00 ± 1.41" and sweep.fmt(summary[1]["ll"]) == "-9.00"
+    assert sweep.fmt_layers(two["kl"], 1) == "2.0 ± 1.4, 1.0 ± 1.4"
+
+
+def test_sweep_budget_training_equals_an_uninterrupted_fit():
+    """Epoch-by-epoch training (each fit resuming the last) ends bitwise where one fit of
+    the same epochs ends; a zero budget stops at the first epoch boundary."""
+    from pyro_ladder import LadderVAE, fit
+
+    sweep = _load("sweep")
+    x = torch.rand(40, 6).round()  # (N, D)
+    spec = {"seed": 3, "epochs": 3, "batch_size": 8, "lr": 1e-2, "warmup_epochs": 2,
+            "device": "cpu"}
+
+    def trained(by_sweep: bool, budget=None):
+        pyro.clear_param_store()
+        torch.manual_seed(1)
+        vae = LadderVAE(6, (3, 2), (8, 4), batch_norm=True)
+        if by_sweep:
+            info = sweep.train(vae, {"train": x, "binarize": True},
+                               {**spec, "budget_seconds": budget})
+        else:
+            history = fit(vae.model, vae.guide, x, epochs=3, batch_size=8, lr=1e-2,
+                          warmup_epochs=2, binarize=True, seed=3, progress=False)
+            info = {"epochs": len(history), "final_train_loss": history[-1]["loss"]}
+        return info, [p.detach().clone() for p in vae.parameters()]
+
+    (a, pa), (b, pb) = trained(True), trained(False)
+    assert a["epochs"] == b["epochs"] == 3 and a["steps"] == 15
+    assert a["final_train_loss"] == b["final_train_loss"]
+    assert all(torch.equal(p, q) for p, q in zip(pa, pb, strict=True))
+    assert trained(True, budget=0.0)[0]["epochs"] == 1
+
+
+def _fake_script(tmp_path, body: str) -> Path:
+    """A worker that writes a row unless ``body`` exits first (no torch: fast)."""
+    script = tmp_path / "fake.py"
+    script.write_text(
+        "import json, sys, time\nfrom pathlib import Path\n"
+        "spec = json.loads(Path(sys.argv[2]).read_text())\n" + body +
+        "\n(Path(spec['out']) / 'runs' / (spec['name'] + '.json')).write_text("
+        "json.dumps({**spec, 'value': spec['seed'] * 2}))\n")
+    return script
+
+
+def test_sweep_processes_rows_failures_and_deadline(tmp_path):
+    sweep = _load("sweep")
+    script = _fake_script(tmp_path, "if spec['seed'] == 1: sys.exit('broken on purpose')\n"
+                                    "if spec['seed'] == 2: time.sleep(60)")
+    specs = [{"name": f"run{s}", "seed": s, "out": str(tmp_path)} for s in (0, 1, 2, 3)]
+    rows, failures = sweep.run_processes(script, specs, tmp_path, jobs=2, deadline=5)
+    assert [r["value"] for r in rows] == [0, 6]
+    reasons = {f["name"]: f["reason"] for f in failures}
+    assert reasons == {"run1": "exit status 1", "run2": "stopped at the 5 s deadline"}
+    assert "broken on purpose" in next(f for f in failures if f["name"] == "run1")["log_tail"]
+
+
+def test_sweep_deadline_skips_runs_not_started(tmp_path):
+    sweep = _load("sweep")
+    script = _fake_script(tmp_path, "time.sleep(60)")
+    specs = [{"name": f"run{s}", "seed": s, "out": str(tmp_path)} for s in (0, 1)]
+    rows, failures = sweep.run_processes(script, specs, tmp_path, jobs=1, deadline=1)
+    assert rows == [] and [f["reason"] for f in failures] == [
+        "stopped at the 1 s deadline", "not started: deadline"]
+
+
+def test_workers_in_process_on_digits(tmp_path):
+    """What one process of each sweep does (build, train, score), without the processes:
+    the cached test rows are the shared test-set policy's, the row holds every metric."""
+    from pyro_ladder.data import load_dataset
+    from pyro_ladder.runs import test_set
+
+    seeds, cvm, sweep = _load("seeds"), _load("conv_vs_mlp"), _load("sweep")
+    digits = load_dataset("digits")
+    path = sweep.cache_data(digits, "bernoulli", 20, 64, tmp_path / "digits.pt")
+    assert torch.equal(sweep.load_cached({"data": str(path), "device": "cpu"})["test"],
+                       test_set(digits, "bernoulli", 20))
+    common = {"seed": 0, "device": "cpu", "epochs": 1, "budget_seconds": None,
+              "warmup_epochs": 1, "batch_size": 32, "lr": 1e-3, "eval_samples": 4,
+              "data": str(path)}
+    ladder = seeds.work({**common, "inference": "top-down", "depth": 2})
+    conv = cvm.work({**common, "family": "conv", "inference": "top-down",
+                     "eval_max_rows": 64})
+    for row, sites in ((ladder, ["z1", "z2"]), (conv, ["z1", "z2", "z3"])):
+        assert row["epochs"] == 1 and row["steps"] == 2 and row["num_test"] == 20
+        assert row["test_elbo"] <= row["test_log_likelihood"] < 0
+        assert sorted(row["kl"]) == sorted(row["active_units"]) == sites
+        assert all(row["kl"][s] >= 0 for s in sites)
+    assert conv["units"] == {"z1": 8 * 16, "z2": 8 * 4, "z3": 8}  # channels x positions
+
+
+@pytest.mark.slow
+def test_seeds_experiment_smallest_mode(tmp_path):
+    """End to end: two processes, their JSONs, the summary and the table."""
+    experiment = _load("seeds")
+    payload = experiment.main(["--quick", "--depths", "2", "--seeds", "0", "--jobs", "2",
+                               "--out", str(tmp_path)])
+    assert payload["failures"] == []
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["inference"], r["depth"]) for r in saved["runs"]] == [
+        ("bottom-up", 2), ("top-down", 2)]
+    for row in saved["runs"]:
+        assert row["test_elbo"] <= row["test_log_likelihood"] < 0 and row["epochs"] == 2
+        assert sorted(row["kl"]) == sorted(row["active_units"]) == ["z1", "z2"]
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n| 2 | ") == 2 and f"{saved['runs'][0]['test_elbo']:.2f}" in table
+
+
+@pytest.mark.slow
+def test_conv_vs_mlp_smallest_mode(tmp_path):
+    """End to end on digits (no files): a conv and an MLP run, one process each."""
+    experiment = _load("conv_vs_mlp")
+    payload = experiment.main(["--quick", "--datasets", "digits", "--models",
+                               "conv-vae,mlp-lvae", "--seeds", "0", "--jobs", "2",
+                               "--out", str(tmp_path)])
+    assert payload["failures"] == []
+    runs = {r["model"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    assert sorted(runs) == ["conv-vae", "mlp-lvae"]
+    assert sorted(runs["conv-vae"]["kl"]) == ["z1", "z2", "z3"]
+    for row in runs.values():
+        assert row["test_elbo"] <= row["test_log_likelihood"] < 0
+        assert row["epochs"] >= 1 and row["num_test"] == 50
+    assert "| digits | conv-vae | 1 |" in (tmp_path / "results.md").read_text()
