@@ -9,10 +9,10 @@
 #   OUT=/tmp/out bash experiments/gpu_comparison.sh                   # the GPU run
 #   OUT=/tmp/out DEVICE=cpu JOBS=1 QUICK=1 bash experiments/gpu_comparison.sh   # a dry run
 #
-# Settings (environment): BUDGET training seconds per conv/MLP run (45); DIGITS_BUDGET
-# training seconds per digits run at most, besides its 200 epochs (20); JOBS processes at a
+# Settings (environment): BUDGET training seconds per conv/MLP run (40); DIGITS_BUDGET
+# training seconds per digits run at most, besides its 200 epochs (15); JOBS processes at a
 # time (14); TOTAL seconds for everything (285): the digits sweep stops at DIGITS_DEADLINE
-# (95), the comparison at TOTAL less what has passed; runs not finished by then are listed
+# (85), the comparison at TOTAL less what has passed; runs not finished by then are listed
 # as failed in the .md and .json. DATA_DIR (.gpu_data) holds binarized_mnist/ and
 # fashion-mnist/; WORK (/tmp/pyro_ladder_gpu) the per-run files. QUICK=1 runs each
 # script's --quick mode on 2 depths and 1 seed, from files in DATA_DIR.
@@ -23,10 +23,10 @@ cd "$ROOT"
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 JOBS=${JOBS:-14}
-BUDGET=${BUDGET:-45}
-DIGITS_BUDGET=${DIGITS_BUDGET:-20}
+BUDGET=${BUDGET:-40}
+DIGITS_BUDGET=${DIGITS_BUDGET:-15}
 TOTAL=${TOTAL:-285}
-DIGITS_DEADLINE=${DIGITS_DEADLINE:-95}
+DIGITS_DEADLINE=${DIGITS_DEADLINE:-85}
 DATA_DIR=${DATA_DIR:-.gpu_data}
 WORK=${WORK:-/tmp/pyro_ladder_gpu}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
