@@ -125,7 +125,8 @@ def main(argv=None) -> dict:
     rows.sort(key=lambda r: (r["depth"], INFERENCES.index(r["inference"]), r["seed"]))
     summary = sweep.summarize(rows, ("depth", "inference"), SCALARS, LAYERED)
     payload = {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
-               "failures": failures, "runs": rows}  # fmt: skip
+               "failures": failures, "environment": sweep.environment(args.device),
+               "runs": rows}  # fmt: skip
     sweep.write_results(args.out, payload, table(summary, failures, args))
     for failure in failures:
         print(f"run {failure['name']}: {failure['reason']}", file=sys.stderr)

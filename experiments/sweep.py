@@ -27,6 +27,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import pyro
 import torch
 
 import pyro_ladder
@@ -49,6 +50,14 @@ def check_device(device: str) -> None:
         raise SystemExit(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device here; use --device cpu")
+
+
+def environment(device: str) -> dict:
+    """Versions and hardware, stored beside the results."""
+    env = {"torch": torch.__version__, "pyro": pyro.__version__, "cpus": os.cpu_count()}
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
 
 
 def cache_data(data, likelihood: str, eval_limit: int | None, train_limit, path: Path) -> Path:
