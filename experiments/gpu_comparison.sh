@@ -38,6 +38,12 @@ if [[ "${QUICK:-0}" == 1 ]]; then
   cvm_args=(--quick --seeds 0)
 fi
 
+for sub in binarized_mnist fashion-mnist; do # fail in seconds, not after the digits sweep
+  if [[ ! -e "$DATA_DIR/$sub" ]]; then
+    echo "gpu_comparison.sh: $DATA_DIR/$sub is missing; copy the data there or set DATA_DIR" >&2
+    exit 2
+  fi
+done
 mkdir -p "$OUT" "$WORK"
 start=$SECONDS
 status=0
