@@ -124,16 +124,36 @@ def main(argv=None) -> dict:
     )
     rows.sort(key=lambda r: (r["depth"], INFERENCES.index(r["inference"]), r["seed"]))
     summary = sweep.summarize(rows, ("depth", "inference"), SCALARS, LAYERED)
+    gains = ladder_gains(rows)
     payload = {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
-               "failures": failures, "environment": sweep.environment(args.device),
-               "runs": rows}  # fmt: skip
-    sweep.write_results(args.out, payload, table(summary, failures, args))
+               "ladder_gains": gains, "failures": failures,
+               "environment": sweep.environment(args.device), "runs": rows}  # fmt: skip
+    sweep.write_results(args.out, payload, table(summary, failures, args, gains))
     for failure in failures:
         print(f"run {failure['name']}: {failure['reason']}", file=sys.stderr)
     return payload
 
 
-def table(summary: list[dict], failures: list[dict], args) -> str:
+def ladder_gains(rows: list[dict]) -> list[dict]:
+    """Per depth, the ladder's gain over the VAE seed by seed (top-down minus bottom-up,
+    paired by seed), as :func:`sweep.mean_sd` of ``test_log_likelihood`` and ``test_elbo``:
+    the spread of the differences, not of each model, says whether a gap is noise."""
+    by_key = {(r["depth"], r["inference"], r["seed"]): r for r in rows}
+    out = []
+    for depth in sorted({r["depth"] for r in rows}):
+        pairs = [
+            (by_key[(depth, "top-down", seed)], by_key[(depth, "bottom-up", seed)])
+            for seed in sorted({r["seed"] for r in rows})
+            if (depth, "top-down", seed) in by_key and (depth, "bottom-up", seed) in by_key
+        ]
+        if pairs:
+            out.append({"depth": depth, "seeds": len(pairs)})
+            for name in ("test_log_likelihood", "test_elbo"):
+                out[-1][name] = sweep.mean_sd([td[name] - bu[name] for td, bu in pairs])
+    return out
+
+
+def table(summary: list[dict], failures: list[dict], args, gains=()) -> str:
     """Markdown: one row per (depth, inference), mean ± sd over seeds."""
     lines = [
         f"Digits, mean ± sd over seeds {args.seeds} (n per row), K = {args.eval_samples}, "
@@ -152,6 +172,18 @@ def table(summary: list[dict], failures: list[dict], args) -> str:
             f"| {sweep.fmt_layers(r['active_units'], 1)} | {sweep.fmt_layers(r['kl'])} "
             f"| {sweep.fmt(r['epochs'], 0)} | {sweep.fmt(r['train_seconds'], 0)} |"
         )
+    lines += [
+        "",
+        "Ladder minus VAE, paired by seed (mean ± sd of the differences):",
+        "",
+        "| layers | seeds | log p(x) gain | ELBO gain |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {g['depth']} | {g['seeds']} | {sweep.fmt(g['test_log_likelihood'])} "
+        f"| {sweep.fmt(g['test_elbo'])} |"
+        for g in gains
+    ]
     if failures:
         lines += ["", "Failed: " + "; ".join(f"{f['name']} ({f['reason']})" for f in failures)]
     return "\n".join(lines) + "\n"

@@ -130,6 +130,20 @@ def test_sweep_budget_training_equals_an_uninterrupted_fit():
     assert trained(True, budget=0.0)[0]["epochs"] == 1
 
 
+def test_seeds_ladder_gains_paired_by_seed():
+    """Differences top-down minus bottom-up per seed; an unpaired seed is left out."""
+    seeds = _load("seeds")
+    ll = {("top-down", 0): -20.0, ("bottom-up", 0): -21.0, ("top-down", 1): -22.0,
+          ("bottom-up", 1): -22.5, ("top-down", 2): -30.0}
+    rows = [{"depth": 3, "inference": i, "seed": s, "test_log_likelihood": v,
+             "test_elbo": 2 * v} for (i, s), v in ll.items()]
+    (gain,) = seeds.ladder_gains(rows)
+    assert gain["depth"] == 3 and gain["seeds"] == 2
+    assert gain["test_log_likelihood"] == {"mean": 0.75, "sd": pytest.approx(0.125 ** 0.5),
+                                           "n": 2}
+    assert gain["test_elbo"]["mean"] == 1.5
+
+
 def _fake_script(tmp_path, body: str) -> Path:
     """A worker that writes a row unless ``body`` exits first (no torch: fast)."""
     script = tmp_path / "fake.py"
@@ -201,7 +215,8 @@ def test_seeds_experiment_smallest_mode(tmp_path):
         assert row["test_elbo"] <= row["test_log_likelihood"] < 0 and row["epochs"] == 2
         assert sorted(row["kl"]) == sorted(row["active_units"]) == ["z1", "z2"]
     table = (tmp_path / "results.md").read_text()
-    assert table.count("\n| 2 | ") == 2 and f"{saved['runs'][0]['test_elbo']:.2f}" in table
+    assert table.count("\n| 2 | ") == 3 and f"{saved['runs'][0]['test_elbo']:.2f}" in table
+    assert saved["ladder_gains"][0]["seeds"] == 1
 
 
 @pytest.mark.slow
