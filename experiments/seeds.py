@@ -44,7 +44,7 @@ def parse(argv=None):
         "--budget-seconds",
         type=float,
         default=None,
-        help="also stop a run's training at the first epoch end after this",
+        help="also stop a run's training after this (within 10 steps, mid-epoch)",
     )
     p.add_argument("--warmup-epochs", type=int, default=None, help="default: epochs // 10")
     p.add_argument("--batch-size", type=int, default=128)
@@ -170,7 +170,7 @@ def table(summary: list[dict], failures: list[dict], args, gains=()) -> str:
             f"| {r['depth']} | {r['inference']} | {r['test_log_likelihood']['n']} "
             f"| {sweep.fmt(r['test_log_likelihood'])} | {sweep.fmt(r['test_elbo'])} "
             f"| {sweep.fmt_layers(r['active_units'], 1)} | {sweep.fmt_layers(r['kl'])} "
-            f"| {sweep.fmt(r['epochs'], 0)} | {sweep.fmt(r['train_seconds'], 0)} |"
+            f"| {sweep.fmt(r['epochs'], 1)} | {sweep.fmt(r['train_seconds'], 0)} |"
         )
     lines += [
         "",

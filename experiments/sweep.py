@@ -8,11 +8,9 @@ fails, or is still running at the sweep's deadline, is listed with the reason an
 of its log; the summary (mean and sample standard deviation over seeds) is built from the
 runs that finished.
 
-Training in a worker (:func:`train`) runs ``fit`` epoch by epoch, each call resuming the
-last (``fit(resume=...)``), so a run that stops at its wall-clock budget equals an
-uninterrupted run of the epochs it reached. It stops at the first epoch boundary after
-the budget (never mid-epoch): a run overshoots its budget by less than one epoch, and the
-seconds it trained are recorded.
+Training in a worker (:func:`train`) is one ``fit`` whose checkpoint hook reads the clock
+every few steps and ends training once the wall-clock budget is spent, mid-epoch: a run
+overshoots its budget by a few steps, and the steps and seconds it trained are recorded.
 """
 
 from __future__ import annotations
@@ -166,33 +164,53 @@ def load_cached(spec: dict) -> dict:
     return data
 
 
+class BudgetSpent(Exception):
+    """Raised by :func:`train`'s checkpoint hook to end ``fit`` when the budget is spent."""
+
+
 def train(vae, data: dict, spec: dict) -> dict:
     """Train ``vae`` on ``data["train"]`` for ``spec["epochs"]`` epochs or until
-    ``spec["budget_seconds"]`` of training have passed, whichever comes first (the
-    budget ends at an epoch boundary, see the module's docstring).
+    ``spec["budget_seconds"]`` of training have passed, whichever comes first.
 
-    :returns: ``epochs``, ``steps``, ``train_seconds`` and ``final_train_loss``.
+    The budget is checked at ``fit``'s checkpoints, every ``spec["check_every"]`` steps
+    (10 by default) and at every epoch's end, so training stops mid-epoch at most that
+    many steps after the budget; the weights are those of the last step taken.
+
+    :returns: ``epochs`` (fractional when stopped mid-epoch), ``steps``,
+        ``train_seconds`` and ``final_train_loss`` (the loss of the last epoch, or of the
+        part of the epoch trained).
     """
-    state, history = {}, []
-    epochs, budget = spec["epochs"], spec.get("budget_seconds")
-    options = dict(
-        batch_size=spec["batch_size"], lr=spec["lr"], warmup_epochs=spec["warmup_epochs"],
-        binarize=data["binarize"], seed=spec["seed"], progress=False,
-    )  # fmt: skip
+    budget, last = spec.get("budget_seconds"), {}
     start = time.perf_counter()
-    while len(history) < epochs:
-        if budget is not None and history and time.perf_counter() - start >= budget:
-            break
-        history = fit(
-            vae.model, vae.guide, data["train"], epochs=len(history) + 1,
-            resume=state.get("last"), checkpoint=lambda s: state.update(last=s), **options,
+
+    def hook(state):
+        last["state"] = state
+        moved = state["position"]["epoch"] or state["position"]["step"]
+        if budget is not None and moved and time.perf_counter() - start >= budget:
+            raise BudgetSpent
+
+    try:
+        fit(
+            vae.model, vae.guide, data["train"], epochs=spec["epochs"],
+            batch_size=spec["batch_size"], lr=spec["lr"], warmup_epochs=spec["warmup_epochs"],
+            binarize=data["binarize"], seed=spec["seed"], progress=False, checkpoint=hook,
+            checkpoint_every=None if budget is None else spec.get("check_every", 10),
         )  # fmt: skip
+    except BudgetSpent:
+        pass
     _synchronize(spec["device"])
+    return {**_position(last["state"], len(data["train"]) // spec["batch_size"]),
+            "train_seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def _position(state: dict, steps_per_epoch: int) -> dict:
+    """Epochs, steps and last loss of a training state saved by ``fit``."""
+    pos, per_epoch = state["position"], max(1, steps_per_epoch)
+    loss = pos["total"] / pos["seen"] if pos["seen"] else state["history"][-1]["loss"]
     return {
-        "epochs": len(history),
-        "steps": len(history) * max(1, len(data["train"]) // spec["batch_size"]),
-        "train_seconds": time.perf_counter() - start,
-        "final_train_loss": history[-1]["loss"],
+        "epochs": pos["epoch"] + pos["step"] / per_epoch,
+        "steps": pos["epoch"] * per_epoch + pos["step"],
+        "final_train_loss": loss,
     }
 
 

@@ -100,34 +100,45 @@ def test_sweep_mean_sd_and_summary_by_hand():
     assert sweep.fmt_layers(two["kl"], 1) == "2.0 ± 1.4, 1.0 ± 1.4"
 
 
-def test_sweep_budget_training_equals_an_uninterrupted_fit():
-    """Epoch-by-epoch training (each fit resuming the last) ends bitwise where one fit of
-    the same epochs ends; a zero budget stops at the first epoch boundary."""
+def test_sweep_budget_training_stops_where_it_says():
+    """Without a budget, the sweep's training is one plain fit (bitwise); a spent budget
+    stops it at the first check (every ``check_every`` steps) after at least one step,
+    with the weights, step count and partial-epoch loss of that step."""
     from pyro_ladder import LadderVAE, fit
 
     sweep = _load("sweep")
-    x = torch.rand(40, 6).round()  # (N, D)
+    x = torch.rand(40, 6).round()  # (N, D): 5 steps of 8 rows an epoch
     spec = {"seed": 3, "epochs": 3, "batch_size": 8, "lr": 1e-2, "warmup_epochs": 2,
             "device": "cpu"}
 
-    def trained(by_sweep: bool, budget=None):
+    def trained(epochs=3, **extra):
         pyro.clear_param_store()
         torch.manual_seed(1)
         vae = LadderVAE(6, (3, 2), (8, 4), batch_norm=True)
-        if by_sweep:
-            info = sweep.train(vae, {"train": x, "binarize": True},
-                               {**spec, "budget_seconds": budget})
-        else:
-            history = fit(vae.model, vae.guide, x, epochs=3, batch_size=8, lr=1e-2,
+        if extra.get("plain"):
+            history = fit(vae.model, vae.guide, x, epochs=epochs, batch_size=8, lr=1e-2,
                           warmup_epochs=2, binarize=True, seed=3, progress=False)
             info = {"epochs": len(history), "final_train_loss": history[-1]["loss"]}
+        else:
+            info = sweep.train(vae, {"train": x, "binarize": True}, {**spec, **extra})
         return info, [p.detach().clone() for p in vae.parameters()]
 
-    (a, pa), (b, pb) = trained(True), trained(False)
+    def same(a, b):
+        return all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+    (a, pa), (b, pb) = trained(budget_seconds=None), trained(plain=True)
     assert a["epochs"] == b["epochs"] == 3 and a["steps"] == 15
-    assert a["final_train_loss"] == b["final_train_loss"]
-    assert all(torch.equal(p, q) for p, q in zip(pa, pb, strict=True))
-    assert trained(True, budget=0.0)[0]["epochs"] == 1
+    assert a["final_train_loss"] == b["final_train_loss"] and same(pa, pb)
+    # a spent budget, checked every 5 steps = at the first epoch's end: one epoch's fit
+    (c, pc), (d, pd) = trained(budget_seconds=0.0, check_every=5), trained(1, plain=True)
+    assert c["epochs"] == 1 and c["steps"] == 5 and same(pc, pd)
+    assert c["final_train_loss"] == d["final_train_loss"]
+    # checked every 2 steps: stops mid-epoch after 2 steps, weights moved from the start
+    e, pe = trained(budget_seconds=0.0, check_every=2)
+    torch.manual_seed(1)
+    initial = [p.detach().clone() for p in LadderVAE(6, (3, 2), (8, 4)).parameters()]
+    assert e["steps"] == 2 and e["epochs"] == 0.4 and e["final_train_loss"] > 0
+    assert not same(pe, pd) and not same(pe, initial)
 
 
 def test_seeds_ladder_gains_paired_by_seed():
