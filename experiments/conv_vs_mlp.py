@@ -60,6 +60,9 @@ def parse(argv=None):
     )
     p.add_argument("--epochs", type=int, default=10_000, help="an upper bound besides the budget")
     p.add_argument("--warmup-epochs", type=int, default=1)
+    p.add_argument(
+        "--free-bits", type=float, default=0.0, help="KL floor per layer, conv runs only (nats)"
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-samples", type=int, default=1000, help="K of test log p(x)")
@@ -108,6 +111,7 @@ def specs(args, data_paths: dict) -> list[dict]:
                     "budget_seconds": args.budget_seconds, "warmup_epochs": args.warmup_epochs,
                     "batch_size": args.batch_size, "lr": args.lr,
                     "eval_samples": args.eval_samples,
+                    "free_bits": args.free_bits if family == "conv" else 0.0,
                     "eval_max_rows": CONV_EVAL_ROWS[args.device] if family == "conv" else None,
                     "data": str(data_paths[dataset]), "out": str(args.out),
                 })  # fmt: skip

@@ -13,9 +13,10 @@
 # training seconds per digits run at most, besides its 200 epochs (15); JOBS processes at a
 # time (14); TOTAL seconds for everything (285): the digits sweep stops at DIGITS_DEADLINE
 # (85), the comparison at TOTAL less what has passed; runs not finished by then are listed
-# as failed in the .md and .json. DATA_DIR (.gpu_data) holds binarized_mnist/ and
-# fashion-mnist/; WORK (/tmp/pyro_ladder_gpu) the per-run files. QUICK=1 runs each
-# script's --quick mode on 2 depths and 1 seed, from files in DATA_DIR.
+# as failed in the .md and .json. FREE_BITS (0) floors each conv layer's KL in training.
+# DATA_DIR (.gpu_data) holds binarized_mnist/ and fashion-mnist/; WORK
+# (/tmp/pyro_ladder_gpu) the per-run files. QUICK=1 runs each script's --quick mode on 2
+# depths and 1 seed, from files in DATA_DIR.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -32,7 +33,7 @@ WORK=${WORK:-/tmp/pyro_ladder_gpu}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 
 seeds_args=(--seeds 0,1,2 --budget-seconds "$DIGITS_BUDGET")
-cvm_args=(--seeds 0,1,2 --budget-seconds "$BUDGET")
+cvm_args=(--seeds 0,1,2 --budget-seconds "$BUDGET" --free-bits "${FREE_BITS:-0}")
 if [[ "${QUICK:-0}" == 1 ]]; then
   seeds_args=(--quick --depths 1,2 --seeds 0)
   cvm_args=(--quick --seeds 0)

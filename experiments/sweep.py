@@ -194,6 +194,7 @@ def train(vae, data: dict, spec: dict) -> dict:
             vae.model, vae.guide, data["train"], epochs=spec["epochs"],
             batch_size=spec["batch_size"], lr=spec["lr"], warmup_epochs=spec["warmup_epochs"],
             binarize=data["binarize"], seed=spec["seed"], progress=False, checkpoint=hook,
+            free_bits=spec.get("free_bits", 0.0),
             checkpoint_every=None if budget is None else spec.get("check_every", 10),
         )  # fmt: skip
     except BudgetSpent:

@@ -203,7 +203,7 @@ def test_workers_in_process_on_digits(tmp_path):
               "data": str(path)}
     ladder = seeds.work({**common, "inference": "top-down", "depth": 2})
     conv = cvm.work({**common, "family": "conv", "inference": "top-down",
-                     "eval_max_rows": 64})
+                     "eval_max_rows": 64, "free_bits": 0.5})
     for row, sites in ((ladder, ["z1", "z2"]), (conv, ["z1", "z2", "z3"])):
         assert row["epochs"] == 1 and row["steps"] == 2 and row["num_test"] == 20
         assert row["test_elbo"] <= row["test_log_likelihood"] < 0
