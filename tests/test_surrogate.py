@@ -5,10 +5,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer import RenyiELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import RenyiELBO, TraceGraph_ELBO
 from torch import nn
 
 from pyro_ladder import ESTIMATORS, make_elbo
+from pyro_ladder.elbo import scoped
 from pyro_ladder.elbo.surrogate import differentiable_loss
 
 # options that make the estimators differ from their special cases (outer=1 is IWAE, ...)
@@ -19,10 +20,10 @@ OPTIONS = {
     "ciwae": {"beta": 0.3},
 }
 # the JIT estimators' surrogates run uncompiled: compared with the estimator they compile
-UNCOMPILED = {
-    "jit-elbo": Trace_ELBO,
-    "jit-meanfield": TraceMeanField_ELBO,
-    "jit-tracegraph": TraceGraph_ELBO,
+UNCOMPILED = {  # the library's uncompiled estimators (their plate probe leaves no trace)
+    "jit-elbo": scoped.Trace_ELBO,
+    "jit-meanfield": scoped.TraceMeanField_ELBO,
+    "jit-tracegraph": scoped.TraceGraph_ELBO,
 }
 
 
