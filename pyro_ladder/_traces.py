@@ -3,8 +3,9 @@
 * :func:`particle_traces`: ``S`` vectorized draws of a guide and the model replayed on
   them (the particle plate left of every plate the pair uses);
 * :func:`per_datapoint`, :func:`site_log_prob` and :func:`log_density`: a trace's
-  log-densities reduced to ``(S, B)`` per (particle, data point). Whether site scales
-  apply is decided in :func:`site_log_prob` alone;
+  log-densities reduced to ``(S, B)`` per (particle, data point), or to ``(S, 1)`` for a
+  joint weight. What scales mean is decided here alone (:func:`weight_layout` and
+  :func:`site_log_prob`, see "Scales" below);
 * :func:`site_kl`: ``KL(q || p)`` of one latent site, analytic where torch knows it, else
   the Monte Carlo ``log q - log p`` at the sample;
 * :func:`check_guide_covers_model` and :func:`check_reparameterized`: what importance
@@ -14,11 +15,33 @@
 
 None of these open a reuse scope (:mod:`pyro_ladder._memo`): the caller opens one around
 the whole computation whose guide outputs its model may reuse.
+
+**Scales.** A site's ``scale`` is the product of the subsample factors ``N / B`` of its
+subsampled plates and of any ``poutine.scale`` around it (the KL warm-up's
+:class:`~pyro_ladder.warmup.LatentWeight` included). The multi-sample estimators read the
+two differently:
+
+* the **data plate's subsample factor** multiplies the per-data-point bound, outside the
+  logsumexp over particles: ``(N / B) sum_b F(log w_b)`` is an unbiased estimate of the
+  full-data bound ``sum_n F(log w_n)`` (:attr:`WeightLayout.scale`);
+* **a site's own scale** (what is left once the subsample factors are divided out)
+  multiplies that site's log-density inside ``log w``: a tempered weight, which is what a
+  KL warm-up or a scaled likelihood ``p(x | z)^c`` means for an importance-weighted bound;
+* a subsampled plate other than ``"data"`` is refused: its factor would sit inside the
+  logsumexp, where it does not give an unbiased estimate of anything.
+
+A pair with a site outside ``pyro.plate("data")`` (a global latent, a second data plate)
+gets a **joint** weight, one per particle for the whole batch, as Pyro's sequential
+``RenyiELBO`` computes: a valid bound on ``log p(x_1..x_B)``, which cannot be split into
+data points (so :func:`~pyro_ladder.evaluate` refuses such pairs) and is refused together
+with subsampling (the factor would sit inside the logsumexp).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+from dataclasses import dataclass
 
 import pyro
 import torch
@@ -75,16 +98,74 @@ def max_plate_nesting(model, guide, args, kwargs) -> int:
     return max(dims, default=1)
 
 
-def per_datapoint(site, value: torch.Tensor, nesting: int) -> torch.Tensor:
-    """Reduce a site's ``log_prob`` to ``(S, B)``: sum every plate but particles and data."""
+@dataclass(frozen=True)
+class WeightLayout:
+    """How a pair's log-weights are reduced, from :func:`weight_layout`.
+
+    :param joint: one weight per particle for the whole batch (``(S, 1)``) instead of one
+        per data point (``(S, B)``): some site lies outside ``pyro.plate("data")``.
+    :param scale: the data plate's subsample factor ``N / B`` (1 without subsampling),
+        which multiplies the summed per-data-point objective.
+    """
+
+    joint: bool = False
+    scale: float = 1.0
+
+
+def weight_layout(*traces) -> WeightLayout:
+    """The :class:`WeightLayout` of the sample sites of ``traces`` (the model's, the
+    guide's), after checking that their subsampling has a meaning (module docstring).
+
+    :raises ConfigError: for a subsampled plate other than ``"data"``, or a subsampled
+        data plate together with a site outside it.
+    """
+    outside, factors = None, {}
+    for trace in traces:
+        for name, site in sample_sites(trace):
+            frames = site["cond_indep_stack"]
+            if not any(f.name == DATA_PLATE and f.vectorized for f in frames):
+                outside = outside or name
+            factors.update((f.name, factor) for f in frames if (factor := _subsample(f)) != 1)
+    others = sorted(set(factors) - {DATA_PLATE})
+    if others:
+        raise ConfigError(
+            f"plate {others[0]!r} is subsampled: a multi-sample bound can only take the "
+            f"subsample factor of pyro.plate({DATA_PLATE!r}, ...) (it multiplies the "
+            "per-data-point bound); inside the logsumexp any other factor gives no bound: "
+            "use the whole plate, or train with 'elbo'"
+        )
+    if outside is not None and factors:
+        raise ConfigError(
+            f"site {outside!r} is outside pyro.plate({DATA_PLATE!r}, ...), so the weight is "
+            "joint over the batch, and a joint weight cannot take the data plate's subsample "
+            "factor (it would sit inside the logsumexp): pass whole batches (no "
+            "subsample_size / subsample), or train with 'elbo'"
+        )
+    return WeightLayout(joint=outside is not None, scale=factors.get(DATA_PLATE, 1.0))
+
+
+def _subsample(frame) -> float:
+    """``N / B`` of a plate frame (1 when the plate is not subsampled)."""
+    if frame.full_size is None or frame.full_size == frame.size:
+        return 1
+    return frame.full_size / frame.size
+
+
+def per_datapoint(site, value: torch.Tensor, nesting: int, joint: bool = False) -> torch.Tensor:
+    """Reduce a site's ``log_prob`` to ``(S, B)``: sum every plate but particles and data.
+
+    ``joint``: sum the data plate too (and accept sites outside it): ``(S, 1)``.
+    """
+    full = nesting + 1
+    value = value.reshape((1,) * (full - value.dim()) + value.shape)  # (S|1, ..., B|1, ...)
+    if joint:
+        return value.sum(list(range(1, full))).reshape(value.shape[0], 1)  # (S|1, 1)
     data_dims = [f.dim for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
     if not data_dims or data_dims[0] is None:
         raise ConfigError(
             f"site {site['name']!r} is outside pyro.plate({DATA_PLATE!r}, ...): per-data-point "
             "evaluation needs every sample site inside that plate"
         )
-    full = nesting + 1
-    value = value.reshape((1,) * (full - value.dim()) + value.shape)  # (S|1, ..., B|1, ...)
     keep = {0, full + data_dims[0]}
     others = [d for d in range(full) if d not in keep]
     if others:
@@ -93,13 +174,14 @@ def per_datapoint(site, value: torch.Tensor, nesting: int) -> torch.Tensor:
 
 
 def site_log_prob(site, scaled: bool) -> torch.Tensor:
-    """A site's elementwise log-density with its mask applied, times its scale when
-    ``scaled`` (the estimators: a KL warm-up's weight, and today also the data plate's
-    subsample scale, apply inside the weights, as in Pyro's ``RenyiELBO``) or not
-    (evaluation: the model's own density). The one place that decides what scales mean."""
+    """A site's elementwise log-density with its mask applied, times its **own** scale when
+    ``scaled`` (the estimators: the site's scale with its plates' subsample factors divided
+    out, e.g. a KL warm-up's weight; the data plate's factor is applied to the bound
+    instead, :class:`WeightLayout`) or not (evaluation: the model's own density). The one
+    place that decides what a site's scale means inside a weight."""
     log_p = site["fn"].log_prob(site["value"])
     if scaled:
-        return scale_and_mask(log_p, site["scale"], site["mask"])
+        return scale_and_mask(log_p, own_scale(site), site["mask"])
     mask = site["mask"]
     if mask is False:
         return torch.zeros_like(log_p)
@@ -108,13 +190,20 @@ def site_log_prob(site, scaled: bool) -> torch.Tensor:
     return log_p
 
 
-def log_density(trace, nesting: int, scaled: bool, only=None) -> torch.Tensor:
+def own_scale(site):
+    """The site's ``scale`` without its plates' subsample factors (``poutine.scale`` and
+    warm-up weights only)."""
+    factor = math.prod(_subsample(f) for f in site["cond_indep_stack"])
+    return site["scale"] if factor == 1 else site["scale"] / factor
+
+
+def log_density(trace, nesting: int, scaled: bool, only=None, joint: bool = False):
     """Sum of the sites' log-densities (those named in ``only``, default all) per
-    (particle, data point): ``(S|1, B|1)``."""
+    (particle, data point): ``(S|1, B|1)``, or ``(S|1, 1)`` when ``joint``."""
     total = 0.0
     for name, site in sample_sites(trace):
         if only is None or name in only:
-            total = total + per_datapoint(site, site_log_prob(site, scaled), nesting)
+            total = total + per_datapoint(site, site_log_prob(site, scaled), nesting, joint)
     return total
 
 

@@ -14,7 +14,7 @@ from pyro.infer import ELBO
 
 from ..errors import ConfigError
 from .enum import EnumELBO
-from .renyi import CheckedRenyiELBO
+from .renyi import Renyi
 from .scoped import (
     JitTrace_ELBO,
     JitTraceGraph_ELBO,
@@ -36,11 +36,11 @@ from .weighted import (
 
 __all__ = [
     "CIWAE",
-    "CheckedRenyiELBO",
     "CondKLSemiGradient",
     "EnumELBO",
     "PIWAE",
     "ESTIMATORS",
+    "Renyi",
     "IWAE_DReG",
     "IWAE_STL",
     "MIWAE",
@@ -71,12 +71,8 @@ ESTIMATORS: dict[str, Estimator] = {
     "enum": Estimator(
         EnumELBO, {}, "ELBO, discrete sites summed out exactly (TraceEnum_ELBO, config_enumerate)"
     ),
-    "iwae": Estimator(
-        CheckedRenyiELBO,
-        {"alpha": 0},
-        "importance-weighted bound, K = num_particles (RenyiELBO(0))",
-    ),
-    "renyi": Estimator(CheckedRenyiELBO, {}, "Renyi divergence bound, option alpha (RenyiELBO)"),
+    "iwae": Estimator(Renyi, {"alpha": 0}, "importance-weighted bound, K = num_particles"),
+    "renyi": Estimator(Renyi, {}, "Renyi divergence bound, option alpha (default 0: IWAE)"),
     "iwae-dreg": Estimator(
         IWAE_DReG, {}, "IWAE bound, doubly reparameterized gradients (Tucker et al. 2019)"
     ),

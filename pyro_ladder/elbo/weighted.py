@@ -45,9 +45,14 @@ The coefficients:
   term; a shared parameter receives both, so the estimator is unbiased for every
   parameter. The loss value is the IWAE bound.
 
-All guide sites must be reparameterized (``has_rsample``); every site must sit in
-``pyro.plate("data")``. Site scales (KL warm-up, :mod:`pyro_ladder.warmup`) apply inside
-``log w``, as in Pyro's ``RenyiELBO``.
+All guide sites must be reparameterized (``has_rsample``). Scales follow one rule
+(:mod:`pyro_ladder._traces`, "Scales"): the data plate's subsample factor ``N / B``
+multiplies the summed per-data-point objective, so a minibatch gives an unbiased estimate
+of the full-data bound; a site's own scale (KL warm-up, :mod:`pyro_ladder.warmup`; a
+``poutine.scale``) multiplies its log-density inside ``log w``. A pair with a site outside
+``pyro.plate("data")`` (a global latent) gets one joint weight per particle for the whole
+batch, ``log w_s = log p(x_1..x_B, z_s) - log q(z_s | x_1..x_B)``, and every objective
+above is then the bound on ``log p(x_1..x_B)`` (such a pair cannot be subsampled).
 
 References
 ----------
@@ -71,6 +76,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 
 from .._traces import (
+    WeightLayout,
     check_guide_covers_model,
     check_reparameterized,
     latent_sites,
@@ -80,8 +86,10 @@ from .._traces import (
     particle_plate,
     particle_traces,
     per_datapoint,
+    own_scale,
     sample_sites,
     site_kl,
+    weight_layout,
 )
 from ..errors import ConfigError
 from .scoped import ScopedELBO
@@ -106,12 +114,17 @@ class _Draws:
         # site -> live reparameterized sample (S, ..., B, event)
         self.latents = {n: s["value"] for n, s in latent_sites(self.guide_trace)}
         check_guide_covers_model(self.model_trace, self.guide_trace)
-        log_p = log_density(self.model_trace, nesting, scaled=True)
-        log_q = log_density(self.guide_trace, nesting, scaled=True, only=self.latents)
+        self.layout: WeightLayout = weight_layout(self.model_trace, self.guide_trace)
+        log_p = self.log_density(self.model_trace)
+        log_q = self.log_density(self.guide_trace, only=self.latents)
         self.shape = torch.broadcast_shapes(log_p.shape, log_q.shape)
         self.log_p, self.log_q = log_p.expand(self.shape), log_q.expand(self.shape)
         self._fixed = {}
         self._values = None  # detached samples, one set for every fixed pass
+
+    def log_density(self, trace, only=None) -> torch.Tensor:
+        """``(S, B)`` (``(S, 1)`` for a joint weight) log-density of a trace's sites."""
+        return log_density(trace, self.nesting, True, only, self.layout.joint)
 
     @property
     def log_w(self) -> torch.Tensor:
@@ -137,11 +150,11 @@ class _Draws:
         """``log q(z~ | x)`` ``(S, B)`` at the detached samples, live parameters but those
         in ``frozen``."""
         trace = self.fixed_trace("guide", frozen)
-        return log_density(trace, self.nesting, scaled=True, only=self.latents).expand(self.shape)
+        return self.log_density(trace, only=self.latents).expand(self.shape)
 
     def fixed_log_p(self) -> torch.Tensor:
         """``log p(x, z~)`` ``(S, B)`` at the detached samples, live parameters."""
-        return log_density(self.fixed_trace("model"), self.nesting, scaled=True).expand(self.shape)
+        return self.log_density(self.fixed_trace("model")).expand(self.shape)
 
 
 class WeightedELBO(ScopedELBO, ELBO):
@@ -168,19 +181,35 @@ class WeightedELBO(ScopedELBO, ELBO):
         return c, c, c
 
     def loss(self, model, guide, *args, **kwargs) -> float:
-        """``-sum_b F_b``, the negative objective summed over the batch."""
+        """``-(N / B) sum_b F_b``, the negative objective summed over the batch, times the
+        data plate's subsample factor (1 without subsampling)."""
         with torch.no_grad():
             draws = self._draw(model, guide, args, kwargs)
-            return -self.objective(draws.log_w).sum().item()
+            return -draws.layout.scale * self.value(draws.log_w).item()
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """The loss as a 0-dim tensor: its value is :meth:`loss`'s on these draws, its
         gradient the one :meth:`loss_and_grads` accumulates. For training loops that call
         ``backward`` themselves (PyTorch Lightning, ``DistributedDataParallel``)."""
         draws = self._draw(model, guide, args, kwargs)
+        self.check_draws(draws, (model, guide, args, kwargs))
         log_w = draws.log_w.detach()  # (S, B)
-        surrogate = self._surrogate(draws, *self.coefficients(log_w))
-        return value_with_gradient(-self.objective(log_w).sum(), -surrogate)
+        scale = draws.layout.scale
+        value, surrogate = self.value(log_w), self.surrogate(draws, log_w)
+        return value_with_gradient(-scale * value, -scale * surrogate)
+
+    def value(self, log_w: torch.Tensor) -> torch.Tensor:
+        """The objective summed over the batch (0-dim); the loss is minus it, scaled."""
+        return self.objective(log_w).sum()
+
+    def surrogate(self, draws: _Draws, log_w: torch.Tensor) -> torch.Tensor:
+        """A scalar whose gradient is the estimator's gradient of :meth:`value`
+        (``log_w``: the draws' weights, detached); default: :meth:`coefficients`."""
+        return self._surrogate(draws, *self.coefficients(log_w))
+
+    def check_draws(self, draws: _Draws, call) -> None:
+        """Refuse draws the estimator cannot serve, before any gradient (a hook: the DReG
+        family checks that particles are independent, :mod:`.coupling`)."""
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
@@ -212,7 +241,7 @@ class WeightedELBO(ScopedELBO, ELBO):
         return surrogate
 
     def _split_surrogate(self, draws, guide_coeffs, model_coeffs) -> torch.Tensor:
-        """A negative surrogate whose gradient comes from ``model_coeffs`` for the parameters
+        """A surrogate whose gradient comes from ``model_coeffs`` for the parameters
         the model registers and from ``guide_coeffs`` for the guide's own.
 
         Each group's gradient ``g`` is taken by autograd first; the result is a zero whose
@@ -226,7 +255,7 @@ class WeightedELBO(ScopedELBO, ELBO):
         params, grads = [], []
         for group, coeffs, retain in groups:
             tensors = [p for p in group.values() if p.requires_grad]
-            surrogate = -self._surrogate(draws, *coeffs, frozen=frozen if retain else None)
+            surrogate = self._surrogate(draws, *coeffs, frozen=frozen if retain else None)
             if not tensors or not surrogate.requires_grad:
                 continue
             found = torch.autograd.grad(surrogate, tensors, retain_graph=retain, allow_unused=True)
@@ -319,14 +348,11 @@ class IWAE_DReG(WeightedELBO):
         w_bar = log_w.softmax(0)  # (S, B) normalized weights
         return w_bar, torch.zeros_like(w_bar), w_bar.square()
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def surrogate(self, draws, log_w):
         if self.shared == "dreg":
-            return super().differentiable_loss(model, guide, *args, **kwargs)
-        draws = self._draw(model, guide, args, kwargs)
-        log_w = draws.log_w.detach()
+            return super().surrogate(draws, log_w)
         w_bar = log_w.softmax(0)
-        surrogate = self._split_surrogate(draws, self.coefficients(log_w), (w_bar,) * 3)
-        return value_with_gradient(-_iwae(log_w).sum(), surrogate)
+        return self._split_surrogate(draws, self.coefficients(log_w), (w_bar,) * 3)
 
 
 class STL(WeightedELBO):
@@ -392,18 +418,13 @@ class PIWAE(MIWAE):
     with more samples, while the encoder's falls (Rainforth et al. 2018).
     """
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            log_w = self._draw(model, guide, args, kwargs).log_w
-        return -_iwae(log_w).sum().item()
+    def value(self, log_w):
+        return _iwae(log_w).sum()
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        draws = self._draw(model, guide, args, kwargs)
-        log_w = draws.log_w.detach()
+    def surrogate(self, draws, log_w):
         c_dec = log_w.softmax(0)  # dIWAE(MK)/dlog w
         c_enc = self._dF(log_w)  # dMIWAE(M, K)/dlog w
-        surrogate = self._split_surrogate(draws, (c_enc,) * 3, (c_dec,) * 3)
-        return value_with_gradient(-_iwae(log_w).sum(), surrogate)
+        return self._split_surrogate(draws, (c_enc,) * 3, (c_dec,) * 3)
 
 
 class CondKLSemiGradient(WeightedELBO):
@@ -425,13 +446,14 @@ class CondKLSemiGradient(WeightedELBO):
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
-            rec, kl = self._terms(self._draw(model, guide, args, kwargs), fixed=False)
-        return -(rec - kl).mean(0).sum().item()
+            draws = self._draw(model, guide, args, kwargs)
+            rec, kl = self._terms(draws, fixed=False)
+        return -draws.layout.scale * (rec - kl).mean(0).sum().item()
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         draws = self._draw(model, guide, args, kwargs)
         rec, kl = self._terms(draws, fixed=True)  # (S, B) each
-        surrogate = (rec - kl).mean(0).sum()
+        surrogate = draws.layout.scale * (rec - kl).mean(0).sum()
         return value_with_gradient(-surrogate.detach(), -surrogate)
 
     def _terms(self, draws: _Draws, fixed: bool):
@@ -439,7 +461,7 @@ class CondKLSemiGradient(WeightedELBO):
         takes the path through them, and summed conditional KL ``(S, B)``: at the samples
         held fixed (``fixed=True``, the semi-gradient) or at the live ones (same values)."""
         observed = [n for n, _ in sample_sites(draws.model_trace) if n not in draws.latents]
-        rec = log_density(draws.model_trace, draws.nesting, scaled=True, only=observed)
+        rec = draws.log_density(draws.model_trace, only=observed)
         if fixed:
             q_trace, p_trace = draws.fixed_trace("guide"), draws.fixed_trace("model")
         else:
@@ -450,8 +472,8 @@ class CondKLSemiGradient(WeightedELBO):
             value, analytic = site_kl(q_site, p_site)
             if not analytic:
                 value = _sampled_top_kl(draws, name)
-            value = scale_and_mask(value, q_site["scale"], q_site["mask"])
-            kl = kl + per_datapoint(q_site, value, draws.nesting)
+            value = scale_and_mask(value, own_scale(q_site), q_site["mask"])
+            kl = kl + per_datapoint(q_site, value, draws.nesting, draws.layout.joint)
         return rec, kl
 
 
