@@ -38,6 +38,7 @@ from ._traces import (
     sample_sites,
     site_kl,
     site_log_prob,
+    weight_layout,
 )
 from ._util import eval_mode, modules_of
 from .errors import ConfigError, NumericalError
@@ -160,6 +161,7 @@ def _log_weights(model, guide, x, args, kwargs, S, nesting):
     with ReuseOutputs():
         guide_trace, model_trace = particle_traces(model, guide, (x, *args), kwargs, particles)
     check_guide_covers_model(model_trace, guide_trace)
+    _check_every_row(model_trace, guide_trace)
     log_w = x.new_zeros(S, x.shape[0])
     terms = {}  # per-variable terms: "ce:<observed site>", "kl:<latent site>"
     for name, site in sample_sites(model_trace):
@@ -172,6 +174,16 @@ def _log_weights(model, guide, x, args, kwargs, S, nesting):
         kl, _ = site_kl(q_site, model_trace.nodes[name])
         terms[f"kl:{name}"] = per_datapoint(q_site, _masked(kl, q_site["mask"]), nesting)
     return log_w, terms
+
+
+def _check_every_row(model_trace, guide_trace) -> None:
+    """Refuse a data plate that subsamples its rows: evaluation scores every row given."""
+    if weight_layout(model_trace, guide_trace).scale != 1:
+        raise ConfigError(
+            "pyro.plate('data', ...) subsamples the rows, but evaluate scores each row of "
+            "data: drop subsample_size / subsample from the plate when evaluating (e.g. make "
+            "it an argument of the model and guide)"
+        )
 
 
 def _masked(value: torch.Tensor, mask) -> torch.Tensor:
