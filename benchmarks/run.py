@@ -161,11 +161,13 @@ def _load(name, data_dir):
     return {"train": ds.train.float(), "test": ds.test.float()}
 
 
-def _pair(x_dim, latent, hidden, seed):
+def _pair(x_dim, latent, hidden, seed, batch_norm=True):
     """A library ``LadderVAE`` and a reference with the same weights."""
     pyro.clear_param_store()
     torch.manual_seed(seed)
-    config = preset("paper-mnist", x_dim, latent_dims=latent, hidden_dims=hidden)
+    config = preset(
+        "paper-mnist", x_dim, latent_dims=latent, hidden_dims=hidden, batch_norm=batch_norm
+    )
     vae = LadderVAE.from_config(config)
     return vae, ReferenceLadder.from_library(vae)
 
@@ -250,7 +252,9 @@ def _train_fns(vae, ref, estimator, k, x_of, detail):
 
 
 def _train_row(data, size, args, estimator, k, latent, hidden, repeats, detail=False, batch=None):
-    vae, ref = _pair(data["train"].shape[1], latent, hidden, args.seed)
+    # iwae-dreg refuses batch norm in training mode (pyro_ladder/elbo/coupling.py)
+    batch_norm = estimator != "iwae-dreg"
+    vae, ref = _pair(data["train"].shape[1], latent, hidden, args.seed, batch_norm)
     batch = batch or size["batch"]
     fns = _train_fns(vae, ref, estimator, k, _Batches(data["train"], batch), detail)
     with _quiet_jit():

@@ -11,7 +11,7 @@ from pyro.infer import SVI
 
 from benchmarks import run
 from benchmarks.reference import ReferenceLadder
-from pyro_ladder import LadderVAE, evaluate, make_elbo
+from pyro_ladder import ConfigError, LadderVAE, evaluate, make_elbo
 
 
 def _pair(dtype=torch.float64, **kwargs):
@@ -45,6 +45,10 @@ def _reference(ref, x, name, k):
 def test_reference_has_the_library_loss_and_gradients(name, k, batch_norm):
     vae, ref = _pair(batch_norm=batch_norm)
     x = _x()
+    if name == "iwae-dreg" and batch_norm:  # coupled particles: the library refuses
+        with pytest.raises(ConfigError, match="training mode"):
+            _library(vae, x, name, k)
+        return
     loss, grads = _library(vae, x, name, k)
     ref_loss, ref_grads = _reference(ref, x, name, k)
     assert loss == pytest.approx(ref_loss, rel=1e-12)

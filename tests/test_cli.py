@@ -155,6 +155,7 @@ def test_refuses_an_output_folder_holding_a_run(tmp_path, capsys):
         (["--epochs", "0"], "positive integer"),
         (["--batch-size", "5000"], "at most 1437 (--batch-size)"),
         (["--checkpoint-every", "-2"], "positive integer"),
+        (["--elbo", "iwae-dreg", "--particles", "4"], "BatchNorm1d) is in training mode"),
     ],
 )
 def test_bad_options_exit_2_with_one_message(tmp_path, capsys, extra, fragment):

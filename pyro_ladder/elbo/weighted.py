@@ -43,7 +43,9 @@ The coefficients:
   ``sum_s w_bar_s d_eta log p|_z + sum_s w_bar_s^2 d_z log w_s . d_eta z_s``. The first
   term is the direct model gradient (zero for pure guide parameters), the second the path
   term; a shared parameter receives both, so the estimator is unbiased for every
-  parameter. The loss value is the IWAE bound.
+  parameter. The loss value is the IWAE bound. The identity is applied to ``w_bar_s`` as
+  a function of ``z_s`` alone: it needs each ``log w_s`` to depend on its own sample only,
+  which batch norm in training mode breaks; such pairs are refused (:mod:`.coupling`).
 
 All guide sites must be reparameterized (``has_rsample``). Scales follow one rule
 (:mod:`pyro_ladder._traces`, "Scales"): the data plate's subsample factor ``N / B``
@@ -92,6 +94,7 @@ from .._traces import (
     weight_layout,
 )
 from ..errors import ConfigError
+from .coupling import check_no_training_batch_norm, check_own_sample_only, signature
 from .scoped import ScopedELBO
 from .surrogate import value_with_gradient
 
@@ -162,7 +165,13 @@ class WeightedELBO(ScopedELBO, ELBO):
     point, and the surrogate coefficients ``(c_p, c_q, c_path)`` described in the module.
 
     Subclasses implement :meth:`objective` and may override :meth:`coefficients`.
+    A subclass whose gradient assumes that each weight depends on its own sample only
+    (the DReG family) sets :attr:`needs_independent_particles`; it then refuses pairs that
+    couple particles (:mod:`.coupling`).
     """
+
+    #: the gradient assumes ``log w_s`` depends on ``z_s`` alone (checked, :mod:`.coupling`)
+    needs_independent_particles: bool = False
 
     def __init__(self, num_particles: int = 1, max_plate_nesting: float = float("inf")):
         super().__init__(
@@ -207,9 +216,32 @@ class WeightedELBO(ScopedELBO, ELBO):
         (``log_w``: the draws' weights, detached); default: :meth:`coefficients`."""
         return self._surrogate(draws, *self.coefficients(log_w))
 
+    def check_pair(self, model, guide) -> None:
+        """Refuse, before any draw, a pair this estimator cannot serve: for the DReG family,
+        modules with batch norm in training mode (:mod:`.coupling`). Run layers call it
+        before they write anything."""
+        if self.needs_independent_particles:
+            check_no_training_batch_norm(self._name(), model, guide)
+
     def check_draws(self, draws: _Draws, call) -> None:
-        """Refuse draws the estimator cannot serve, before any gradient (a hook: the DReG
-        family checks that particles are independent, :mod:`.coupling`)."""
+        """Refuse draws the estimator cannot serve, before any gradient: for the DReG
+        family :meth:`check_pair` and, once per pair and mode, the autograd probe of
+        :mod:`.coupling` (whose answer is remembered on the instance)."""
+        if not self.needs_independent_particles:
+            return
+        model, guide, args, kwargs = call
+        self.check_pair(model, guide)
+        key = signature(model, guide, args, kwargs)
+        probed = self.__dict__.setdefault("_probed", set())
+        if key not in probed:
+            check_own_sample_only(
+                self._name(), draws.log_w, draws.guide_trace, draws.latents,
+                draws.nesting, draws.layout.joint,
+            )  # fmt: skip
+            probed.add(key)
+
+    def _name(self) -> str:
+        return getattr(self, "label", type(self).__name__)
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
@@ -333,7 +365,14 @@ class IWAE_DReG(WeightedELBO):
         plain IWAE gradient, which is just as unbiased; measured on the ladder, the DReG
         path term makes the shared prior networks' gradient far noisier (README), so this
         is the default.
+
+    Refuses pairs whose weights couple particles (batch norm in training mode, the
+    ladder's default): the estimator is then biased and none exists at its cost
+    (:mod:`pyro_ladder.elbo.coupling`).
     """
+
+    needs_independent_particles = True
+    label = "iwae-dreg"
 
     def __init__(self, num_particles=1, shared: str = "iwae", max_plate_nesting=float("inf")):
         if shared not in ("dreg", "iwae"):

@@ -23,6 +23,7 @@ from .. import __version__
 from ..checkpoint import load_training_checkpoint, save_checkpoint
 from ..conv import ConvLadderVAE
 from ..data import load_dataset
+from ..elbo import make_elbo
 from ..errors import ConfigError, TrainingError
 from ..evaluate import evaluate
 from ..train import check_fit_options, check_free_bits, fit
@@ -143,6 +144,10 @@ def checked_test_set(spec: RunSpec, vae, data) -> torch.Tensor:
             "argument `free_bits` runs in one process for now: drop it, or the options "
             "that start Lightning"
         )
+    # the estimator's own refusals of this network (DReG with batch norm in training mode)
+    check_pair = getattr(make_elbo(spec.elbo, spec.particles), "check_pair", None)
+    if check_pair is not None:
+        check_pair(vae.model, vae.guide)
     return test
 
 
