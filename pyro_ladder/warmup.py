@@ -10,11 +10,12 @@ function it wraps, so it warms up the model and the guide of any pair alike.
 (``poutine.mask`` semantics: the sampled value is kept, its log-density dropped) and a
 tensor weight is applied as a scale together with the mask ``beta > 0``.
 
-Under the importance-weighted bound (``RenyiELBO`` with ``alpha=0``) Pyro applies site
-scales *inside* the log-mean-exp, so the warmed-up IWAE objective is
-``log (1/K) sum_k p(x | z_k) [p(z_k) / q(z_k | x)]^beta``: a tempered importance weight,
-not ``beta`` times the KL part of the IWAE bound. At ``beta = 1`` both coincide with the
-usual bounds.
+Under the multi-sample estimators (``iwae``, ``miwae``, ...) a site's own scale applies
+*inside* the importance weight (:mod:`pyro_ladder._traces`, "Scales"), so the warmed-up
+IWAE objective is ``log (1/K) sum_k p(x | z_k) [p(z_k) / q(z_k | x)]^beta``: a tempered
+importance weight, not ``beta`` times the KL part of the IWAE bound. At ``beta = 1`` both
+coincide with the usual bounds. A data plate's subsample factor is kept apart from
+``beta`` and multiplies the per-data-point bound.
 """
 
 from __future__ import annotations

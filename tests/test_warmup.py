@@ -1,10 +1,12 @@
+import math
+
 import pyro
 import pytest
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
-from pyro_ladder import LadderVAE, LatentWeight, fit, kl_weight, with_kl_weight
+from pyro_ladder import LadderVAE, LatentWeight, fit, kl_weight, make_elbo, with_kl_weight
 
 
 def _terms(vae, x, weight):
@@ -68,3 +70,27 @@ def test_fit_records_the_schedule_and_trains(estimator):
                   batch_size=10, warmup_epochs=2, progress=False)
     assert [r["kl_weight"] for r in history] == [0.0, 0.5, 1.0, 1.0]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, torch.tensor(0.3)])
+def test_warm_up_tempers_the_importance_weight(weight):
+    """iwae under LatentWeight(beta): log (1/K) sum_k p(x | z_k) [p(z_k) / q(z_k | x)]^beta,
+    written out by hand on the same draws."""
+    vae = LadderVAE(6, (3, 2), (8, 4), batch_norm=False).double()
+    x = torch.rand(5, 6, dtype=torch.float64).round()
+    K = 4
+    pyro.set_rng_seed(7)
+    elbo = make_elbo("iwae", K, max_plate_nesting=1)
+    loss = elbo.loss(with_kl_weight(vae.model), with_kl_weight(vae.guide), weight, x)
+    pyro.set_rng_seed(7)
+    with pyro.plate("particles", K, dim=-2):
+        guide_trace = poutine.trace(vae.guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+
+    def log_prob(trace, name):
+        return trace.nodes[name]["fn"].log_prob(trace.nodes[name]["value"])  # (K, B)
+
+    rec = log_prob(model_trace, "x")
+    latent = sum(log_prob(model_trace, z) - log_prob(guide_trace, z) for z in ("z1", "z2"))
+    expected = -((rec + float(weight) * latent).logsumexp(0) - math.log(K)).sum()
+    assert loss == pytest.approx(expected.item(), rel=1e-12)

@@ -12,10 +12,11 @@ estimator's and ``sg`` stop-gradient: the bracket is zero in value and ``grad s`
 backward pass.
 
 * ``Trace_ELBO``, ``TraceMeanField_ELBO``, ``TraceEnum_ELBO`` and our
-  :class:`~pyro_ladder.elbo.weighted.WeightedELBO` estimators have a
-  ``differentiable_loss`` method; it is used as it is.
-* ``RenyiELBO`` (``"iwae"``, ``"renyi"``) has none: :func:`renyi_loss` computes the bound
-  and its surrogate (below).
+  :class:`~pyro_ladder.elbo.weighted.WeightedELBO` estimators (``"iwae"`` and ``"renyi"``
+  included) have a ``differentiable_loss`` method; it is used as it is, so the scale rule
+  of :mod:`pyro_ladder._traces` holds here too.
+* Pyro's own ``RenyiELBO``, passed directly, has none: :func:`renyi_loss` computes its
+  bound and surrogate (below), with Pyro's treatment of scales (inside the weights).
 * ``TraceGraph_ELBO`` (``"tracegraph"``) has none either: :func:`tracegraph_loss` takes
   the value and the surrogate, score-function terms over downstream costs and baseline
   losses included, from the same computation ``TraceGraph_ELBO.loss_and_grads``
