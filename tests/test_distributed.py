@@ -111,7 +111,8 @@ def _particle_plate():
     """The estimator's vectorized particle plate if the current sample site is inside one."""
     from pyro.poutine.runtime import _PYRO_STACK
 
-    plates = (f for f in _PYRO_STACK if getattr(f, "name", None) == "num_particles_vectorized")
+    names = ("num_particles_vectorized", "_num_particles_vectorized")  # Pyro's, ours
+    plates = (f for f in _PYRO_STACK if getattr(f, "name", None) in names)
     return next(plates, None)
 
 
