@@ -337,7 +337,8 @@ def test_evaluate_scores_rows_or_refuses(case, message):
             evaluate(pair.model, pair.guide, pair.x, num_samples=4)
         return
     out = evaluate(pair.model, pair.guide, pair.x, num_samples=2000, batch_size=len(pair.x))
-    assert out["log_likelihood"].sum().item() == pytest.approx(-pair.exact(), abs=0.05)
+    total = out["log_likelihood"].sum().item()  # 32 points: a bias of ~0.002 nats each
+    assert -pair.exact() - 0.15 < total < -pair.exact() + 0.05
 
 
 def test_another_subsampled_plate_is_refused_by_name():
