@@ -51,6 +51,7 @@ from pyro.poutine.util import prune_subsample_sites
 
 from ._util import without_side_effects
 from .errors import ConfigError
+from .warmup import UNWEIGHTED_MASK
 
 DATA_PLATE = "data"
 
@@ -182,12 +183,18 @@ def site_log_prob(site, scaled: bool) -> torch.Tensor:
     log_p = site["fn"].log_prob(site["value"])
     if scaled:
         return scale_and_mask(log_p, own_scale(site), site["mask"])
-    mask = site["mask"]
+    mask = model_mask(site)
     if mask is False:
         return torch.zeros_like(log_p)
     if mask is not None and mask is not True:
         log_p = torch.where(mask, log_p, torch.zeros_like(log_p))
     return log_p
+
+
+def model_mask(site):
+    """The site's mask without a KL warm-up's (:class:`~pyro_ladder.warmup.LatentWeight`
+    masks latent sites at ``beta = 0``: a weight, which evaluation ignores like a scale)."""
+    return site["infer"].get(UNWEIGHTED_MASK, site["mask"])
 
 
 def own_scale(site):

@@ -32,6 +32,7 @@ from ._traces import (
     check_guide_covers_model,
     latent_sites,
     max_plate_nesting,
+    model_mask,
     particle_plate,
     particle_traces,
     per_datapoint,
@@ -172,7 +173,7 @@ def _log_weights(model, guide, x, args, kwargs, S, nesting):
     for name, q_site in latent_sites(guide_trace):
         log_w = log_w - per_datapoint(q_site, site_log_prob(q_site, scaled=False), nesting)
         kl, _ = site_kl(q_site, model_trace.nodes[name])
-        terms[f"kl:{name}"] = per_datapoint(q_site, _masked(kl, q_site["mask"]), nesting)
+        terms[f"kl:{name}"] = per_datapoint(q_site, _masked(kl, model_mask(q_site)), nesting)
     return log_w, terms
 
 

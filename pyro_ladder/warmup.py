@@ -8,7 +8,9 @@ function it wraps, so it warms up the model and the guide of any pair alike.
 
 ``poutine.scale`` refuses ``beta = 0``; here a Python ``0`` masks the latent sites
 (``poutine.mask`` semantics: the sampled value is kept, its log-density dropped) and a
-tensor weight is applied as a scale together with the mask ``beta > 0``.
+tensor weight is applied as a scale together with the mask ``beta > 0``. The site's mask
+before the weight is kept in ``site["infer"][UNWEIGHTED_MASK]``, so that evaluation, which
+scores the model's own density, ignores the warm-up's mask as it ignores its scale.
 
 Under the multi-sample estimators (``iwae``, ``miwae``, ...) a site's own scale applies
 *inside* the importance weight (:mod:`pyro_ladder._traces`, "Scales"), so the warmed-up
@@ -25,6 +27,8 @@ import numbers
 
 import torch
 from pyro.poutine.messenger import Messenger
+
+UNWEIGHTED_MASK = "pyro_ladder.mask_without_kl_weight"
 
 
 class LatentWeight(Messenger):
@@ -44,6 +48,7 @@ class LatentWeight(Messenger):
         if msg["type"] != "sample" or msg["is_observed"]:
             return
         w = self.weight
+        msg["infer"] = {**msg["infer"], UNWEIGHTED_MASK: msg["mask"]}
         if isinstance(w, torch.Tensor):
             keep = w > 0  # a zero weight must not turn an infinite log-density into NaN
             msg["mask"] = keep if msg["mask"] is None else msg["mask"] & keep

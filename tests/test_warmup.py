@@ -19,8 +19,10 @@ def _terms(vae, x, weight):
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
     rec = model_trace.nodes["x"]["log_prob_sum"]
-    latent = sum(model_trace.nodes[f"z{i}"]["log_prob_sum"]
-                 - guide_trace.nodes[f"z{i}"]["log_prob_sum"] for i in (1, 2))
+    latent = sum(
+        model_trace.nodes[f"z{i}"]["log_prob_sum"] - guide_trace.nodes[f"z{i}"]["log_prob_sum"]
+        for i in (1, 2)
+    )
     return -loss, rec.item(), latent.item()
 
 
@@ -66,8 +68,17 @@ def test_schedule_is_linear_then_flat():
 def test_fit_records_the_schedule_and_trains(estimator):
     vae = LadderVAE(6, (3, 2), (8, 4))
     x = torch.rand(40, 6).round()
-    history = fit(vae.model, vae.guide, x, elbo=estimator, num_particles=2, epochs=4,
-                  batch_size=10, warmup_epochs=2, progress=False)
+    history = fit(
+        vae.model,
+        vae.guide,
+        x,
+        elbo=estimator,
+        num_particles=2,
+        epochs=4,
+        batch_size=10,
+        warmup_epochs=2,
+        progress=False,
+    )
     assert [r["kl_weight"] for r in history] == [0.0, 0.5, 1.0, 1.0]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
 
@@ -94,3 +105,32 @@ def test_warm_up_tempers_the_importance_weight(weight):
     latent = sum(log_prob(model_trace, z) - log_prob(guide_trace, z) for z in ("z1", "z2"))
     expected = -((rec + float(weight) * latent).logsumexp(0) - math.log(K)).sum()
     assert loss == pytest.approx(expected.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.0, torch.tensor(0.0), 0.3, torch.tensor(0.3)])
+def test_evaluate_scores_the_model_itself_whatever_the_warm_up(beta):
+    """evaluate ignores a warm-up's weight: its mask (beta = 0) as well as its scale. Before,
+    a pair wrapped at beta = 0 scored KL 0 and a log p(x) above the truth."""
+    from pyro_ladder import evaluate
+
+    torch.manual_seed(0)
+    vae = LadderVAE(5, (2, 2), (6, 4), likelihood="gaussian", batch_norm=False).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+
+    def model(x):
+        with LatentWeight(beta):
+            vae.model(x)
+
+    def guide(x):
+        with LatentWeight(beta):
+            vae.guide(x)
+
+    pyro.set_rng_seed(1)
+    plain = evaluate(vae.model, vae.guide, x, num_samples=50)
+    pyro.set_rng_seed(1)
+    warmed = evaluate(model, guide, x, num_samples=50)
+    assert all(v.mean() > 0.01 for v in plain["kl"].values())
+    for key in ("log_likelihood", "elbo"):
+        assert torch.allclose(warmed[key], plain[key], rtol=0, atol=1e-12), key
+    for name, kl in plain["kl"].items():
+        assert torch.allclose(warmed["kl"][name], kl, rtol=0, atol=1e-12), name
