@@ -19,7 +19,8 @@ def one_hot(labels, num_classes: int, dtype: torch.dtype = torch.float32) -> tor
 
     :raises DataError: when a label is not an integer in ``[0, num_classes)``.
     """
-    labels = torch.as_tensor(labels)
+    if not isinstance(labels, torch.Tensor):  # a tensor keeps its device (as_tensor would too,
+        labels = torch.as_tensor(labels)  # except under torch.set_default_device)
     if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
         raise DataError(
             f"class labels must be integers, got a {labels.dtype} tensor: pass integer labels "

@@ -201,10 +201,11 @@ def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
     :param x: tensor of any shape, values in [0, 1].
     :param generator: random generator for reproducible draws (same device as ``x``).
-    :returns: float32 tensor of the same shape, values in {0, 1}.
+    :returns: tensor of the same shape, device and floating dtype (float32 for integer
+        ``x``), values in {0, 1}.
     :raises DataError: when ``x`` holds values outside [0, 1] or NaN.
     """
-    probs = x.to(torch.float32)
+    probs = x if x.is_floating_point() else x.to(torch.float32)
     # The negated test also catches NaN, which torch.bernoulli would reject less clearly.
     if probs.numel() and not bool(((probs >= 0) & (probs <= 1)).all()):
         raise DataError(

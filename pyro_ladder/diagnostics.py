@@ -51,7 +51,7 @@ def gradient_snr(model, guide, elbo, data, *args, num_draws: int = 64, **kwargs)
             p.grad = None
         elbo.loss_and_grads(model, guide, data, *args, **kwargs)
         for name, params in groups.items():
-            draws[name].append(_flat_grad(params))
+            draws[name].append(_flat_grad(params, data))
     for p in everything:
         p.grad = None
     out = {name: _summarize(torch.stack(d)) for name, d in draws.items()}
@@ -64,9 +64,9 @@ def effective_sample_size(model, guide, data, *args, num_samples: int = 100, **k
     return evaluate(model, guide, data, *args, num_samples=num_samples, **kwargs)["ess"]
 
 
-def _flat_grad(params) -> torch.Tensor:
-    if not params:
-        return torch.zeros(0)
+def _flat_grad(params, like: torch.Tensor) -> torch.Tensor:
+    if not params:  # an empty group: (0,) on the data's device and dtype
+        return like.new_zeros(0)
     return torch.cat(
         [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]
     ).detach()

@@ -27,6 +27,7 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
+from . import device as placement
 from ._memo import ReuseOutputs
 from ._traces import (
     check_guide_covers_model,
@@ -54,8 +55,9 @@ def evaluate(
     num_samples: int = 5000,
     iwae_k: tuple[int, ...] = (),
     batch_size: int = 100,
-    max_rows: int = 2**12,
+    max_rows: int | None = None,
     progress: bool = False,
+    device: str | torch.device | None = None,
     **kwargs,
 ) -> dict:
     """Importance-sampled ``log p(x)``, ELBO, ``IWAE_k``, ESS and per-site KL, per data point.
@@ -67,21 +69,29 @@ def evaluate(
     :param num_samples: ``K``, importance samples per data point.
     :param iwae_k: group sizes ``k`` of the ``IWAE_k`` bounds to report (each ``<= K``).
     :param batch_size: data points per pass.
-    :param max_rows: largest number of (sample, data point) pairs in one pass. The default
-        keeps a pass's activations in cache-sized blocks (measured fastest on the paper's
-        network, ``benchmarks/``) and memory bounded for any ``K`` and any data size.
+    :param max_rows: largest number of (sample, data point) pairs in one pass; memory stays
+        bounded for any ``K`` and any data size. ``None``: 4096 on a CPU (a pass's
+        activations stay in cache-sized blocks, measured fastest on the paper's network,
+        ``benchmarks/``), 65536 on a GPU (see :mod:`pyro_ladder.device`).
+    :param device: where to evaluate; the modules behind ``model`` and ``guide`` move there.
+        ``None`` (default): where their parameters are (the data's device for a pair
+        without modules). Each batch of ``data`` moves there as it is scored, so ``data``
+        may stay on the host; the results are on that device.
     :returns: dict with ``log_likelihood``, ``elbo``, ``ess`` (each ``(N,)``), ``iwae``
         (``{k: (N,)}``), ``kl`` and ``cross_entropy`` (``{site: (N,)}``) and ``num_samples``.
     """
+    device = placement.resolve(device, model, guide, data)
+    max_rows = placement.default_max_rows(device) if max_rows is None else max_rows
     _check_options(data, num_samples, iwae_k, batch_size, max_rows)
     # inference mode: no autograd bookkeeping at all; the results leave it as ordinary
     # tensors (torch.cat below runs outside it)
     with eval_mode(*modules_of(model, guide)), torch.inference_mode():
         with ReuseOutputs():
-            nesting = max_plate_nesting(model, guide, (data[:batch_size], *args), kwargs)
+            first = placement.to_device(data[:batch_size], device)
+            nesting = max_plate_nesting(model, guide, (first, *args), kwargs)
         parts = defaultdict(list)
         for start in tqdm(range(0, len(data), batch_size), disable=not progress, unit="batch"):
-            x = data[start : start + batch_size]
+            x = placement.to_device(data[start : start + batch_size], device)  # (B, ...)
             for key, value in _evaluate_batch(
                 model, guide, x, args, kwargs, num_samples, iwae_k, max_rows, nesting
             ).items():

@@ -16,6 +16,7 @@ import torch
 from pyro.infer import ELBO, SVI
 from tqdm.auto import tqdm
 
+from . import device as placement
 from .data import binarize as binarize_pixels
 from .elbo import make_elbo
 from .errors import ConfigError, TrainingError
@@ -56,6 +57,8 @@ def fit(
     checkpoint_every: int | None = None,
     resume: dict | None = None,
     free_bits: float = 0.0,
+    device: str | torch.device | None = None,
+    sync_every: int = 10,
     **kwargs,
 ) -> list[dict]:
     """Train ``model``/``guide`` on ``data (N, ...)`` with ``pyro.infer.SVI``.
@@ -81,6 +84,19 @@ def fit(
         data and tensors: position, history, optimizer state, RNG states). The caller saves
         it beside the weights, e.g. ``lambda s: save_checkpoint(path, vae, meta, training=s)``.
     :param checkpoint_every: also call ``checkpoint`` every this many steps within an epoch.
+    :param device: where to train: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``;
+        the modules behind ``model`` and ``guide`` (bound methods such as ``vae.model``) move
+        there. ``None`` (default): the device of their parameters, i.e. call
+        ``vae.to("cuda")`` first, or pass ``device="cuda"``. The training set (and
+        ``monitor``) moves there once if it takes at most a quarter of the device's free
+        memory (else each batch moves); batches are sliced and binarized there.
+    :param sync_every: steps between reads of the loss on the host (the progress bar's
+        number, the check for a non-finite loss). A loss returned as a tensor is read only
+        then, so the device need not wait for the host every step; a non-finite one still
+        stops training at that read, naming the step that produced it. Pyro's own
+        estimators return the loss as a Python number (they read it every step), which is
+        checked at once. Checkpoints read it first, so a saved state never follows a
+        non-finite loss.
     :param resume: a training state saved by ``checkpoint`` (with the weights it was saved
         with already loaded): training continues from that point with the same random
         numbers, so the run ends bitwise equal to one that was never interrupted. The
@@ -97,6 +113,11 @@ def fit(
     """
     check_fit_options(data, epochs, batch_size, lr, warmup_epochs, checkpoint_every, seed)
     check_free_bits(free_bits, elbo)
+    _check_positive("sync_every", sync_every)
+    device = placement.resolve(device, model, guide, data)
+    placement.check_dtype(model, guide, data)
+    data = placement.place_rows(data, device)
+    monitor = None if monitor is None else monitor.to(device)
     options = {
         "elbo": elbo if isinstance(elbo, str) else type(elbo).__name__,
         "num_particles": num_particles,
@@ -115,6 +136,7 @@ def fit(
         model, guide = with_kl_weight(model), with_kl_weight(guide)
     svi = SVI(model, guide, optim, loss_fn)
     run = _Run(svi, data, options, args, kwargs, checkpoint, checkpoint_every)
+    run.device, run.sync_every = device, sync_every
     if resume is not None:
         run.restore(resume, epochs)
     return run.train(epochs, monitor, progress, callback, tensorboard)
@@ -135,6 +157,8 @@ class _Run:
         self.epoch, self.step, self.total, self.seen = 0, 0, 0.0, 0
         self.seconds, self.history, self.epoch_rng = 0.0, [], None
         self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
+        self.device, self.sync_every = data.device, 10
+        self.pending = []  # (step, loss as a tensor or a float, rows) not yet read
 
     def train(self, epochs, monitor, progress, callback, tensorboard) -> list[dict]:
         bar = tqdm(total=epochs * self.steps, disable=not progress, unit="step")
@@ -169,19 +193,34 @@ class _Run:
         batch_size = self.options["batch_size"]
         while self.step < self.steps:
             rows = order[self.step * batch_size : (self.step + 1) * batch_size]
-            loss = self._step(weight, x[rows])  # x[rows]: (B, ...)
-            self.total, self.seen, self.step = (
-                self.total + loss,
-                self.seen + len(rows),
-                self.step + 1,
-            )
+            batch = placement.to_device(x[rows], self.device)  # (B, ...)
+            self.pending.append((self.step + 1, self._step(weight, batch), len(rows)))
+            self.step += 1
             bar.update(1)
-            if self.step % 10 == 0:
+            if self.step % self.sync_every == 0:
+                self._sync()
                 bar.set_postfix(epoch=self.epoch + 1, loss=f"{self.total / self.seen:.2f}")
             every = self.checkpoint_every
             if every and self.step % every == 0 and self.step < self.steps:
                 self._save()
+        self._sync()
         return {"epoch": self.epoch + 1, "loss": self.total / self.seen, "kl_weight": beta}
+
+    def _sync(self) -> None:
+        """Read the pending losses on the host (one wait for the device for all of them),
+        add them to the epoch's total, and stop at the first non-finite one."""
+        if not self.pending:
+            return
+        losses = [loss for _, loss, _ in self.pending]
+        if any(isinstance(v, torch.Tensor) for v in losses):
+            losses = torch.stack([torch.as_tensor(v, device=self.device) for v in losses])
+            losses = losses.double().tolist()  # the one host read
+        for (step, _, rows), loss in zip(self.pending, losses, strict=True):
+            if not math.isfinite(loss):
+                self.pending = []
+                raise diverged(f"epoch {self.epoch + 1}, step {step}", loss)
+            self.total, self.seen = self.total + loss, self.seen + rows
+        self.pending = []
 
     def _epoch_data(self):
         """This epoch's (binarized) rows and their order, drawn from ``epoch_rng``."""
@@ -192,17 +231,20 @@ class _Run:
             now = rng_state()
             set_rng_state(self.epoch_rng)
         x = binarize_pixels(self.data) if self.options["binarize"] else self.data
-        order = torch.randperm(len(x))
+        # drawn on the CPU whatever the device: the same order on every device
+        order = torch.randperm(len(x), device="cpu").to(x.device)
         if now is not None:
             set_rng_state(now)
         return x, order
 
-    def _step(self, weight, batch) -> float:
+    def _step(self, weight, batch) -> float | torch.Tensor:
+        """One step's loss: a Python number is checked at once (it was read already), a
+        tensor at the next :meth:`_sync`."""
         loss = guarded_loss(
             lambda: self._floored(self.svi.step, *weight, batch, *self.args, **self.kwargs),
             lambda: pyro.get_param_store().values(),
         )
-        if loss is None or not math.isfinite(loss):
+        if loss is None or (not isinstance(loss, torch.Tensor) and not math.isfinite(loss)):
             raise diverged(f"epoch {self.epoch + 1}, step {self.step + 1}", loss)
         return loss
 
@@ -231,6 +273,7 @@ class _Run:
     def _save(self) -> None:
         if self.checkpoint is None:
             return
+        self._sync()  # a state is saved only after its losses were seen to be finite
         self.checkpoint(
             {
                 "options": dict(self.options),
@@ -272,18 +315,24 @@ class _Run:
 
 
 def rng_state() -> dict:
-    """The states of torch's, Python's and numpy's generators, as tensors and plain data."""
+    """The states of torch's, Python's and numpy's generators, as tensors and plain data,
+    and of the CUDA generators (key ``"cuda"``) once CUDA is in use."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
     }
+    if torch.cuda.is_initialized():  # draws on a GPU (Pyro's samples, binarization)
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     """Restore the generators from :func:`rng_state`'s result."""
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():  # else resumed on a CPU: new draws
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
@@ -361,6 +410,11 @@ def check_free_bits(free_bits, elbo) -> None:
             f"its log-mean-exp): use argument `elbo` {' / '.join(FREE_BITS_ESTIMATORS)} with "
             "free bits, or drop argument `free_bits`"
         )
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_fit_options(

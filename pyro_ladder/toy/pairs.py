@@ -62,6 +62,11 @@ class _ToyPair(nn.Module):
         loc, scale = loc_scale  # (B, k) each
         return pyro.sample("z2", dist.Normal(loc, scale).to_event(1))  # (..., B, k)
 
+    def _one_hot(self, c: torch.Tensor) -> torch.Tensor:
+        """Classes ``c (N,)`` -> one-hot ``(N, C)`` on the device and dtype of the networks."""
+        like = self.top.loc.weight
+        return nn.functional.one_hot(c.to(like.device), self.num_classes).to(like.dtype)
+
     def _check(self, inputs: torch.Tensor) -> None:
         if inputs.dim() != 2 or inputs.shape[-1] != 2 + self.num_classes:
             raise ConfigError(
@@ -110,7 +115,7 @@ class GaussianToyPair(_ToyPair):
     def generate(self, c: torch.Tensor) -> dict:
         """Ancestral draws of the model for classes ``c (N,)``: ``{"z2", "z1", "x"}``,
         each ``(N, 2)`` (``x`` drawn from ``p(x | z1)``, not its mean)."""
-        onehot = nn.functional.one_hot(c, self.num_classes).float()
+        onehot = self._one_hot(c)  # (N, C)
         z2 = torch.normal(*self.top(onehot))
         z1 = torch.normal(*self.prior1(torch.cat([z2, onehot], -1)))
         return {"z2": z2, "z1": z1, "x": self.likelihood(z1).sample()}
@@ -176,7 +181,8 @@ class DiscreteToyPair(_ToyPair):
 
     def _bottom_up(self, x: torch.Tensor) -> torch.Tensor:
         """``g_k(x) = log N(x; u_k, diag v_k^2)`` for every category: ``(B, 2) -> (B, K)``."""
-        loc, scale = self.q1(torch.eye(self.categories, dtype=x.dtype))  # (K, 2) each
+        eye = torch.eye(self.categories, dtype=x.dtype, device=x.device)  # (K, K)
+        loc, scale = self.q1(eye)  # (K, 2) each
         return dist.Normal(loc, scale).log_prob(x.unsqueeze(-2)).sum(-1)
 
     @torch.no_grad()
@@ -211,7 +217,7 @@ class DiscreteToyPair(_ToyPair):
     @torch.no_grad()
     def generate(self, c: torch.Tensor) -> dict:
         """Ancestral draws for classes ``c (N,)``: ``{"z2" (N, 2), "z1" (N,), "x" (N, 2)}``."""
-        onehot = nn.functional.one_hot(c, self.num_classes).float()
+        onehot = self._one_hot(c)  # (N, C)
         z2 = torch.normal(*self.top(onehot))
         z1 = dist.Categorical(logits=self.prior1(torch.cat([z2, onehot], -1))).sample()
         return {"z2": z2, "z1": z1, "x": self._emission(z1).sample()}
