@@ -81,7 +81,8 @@ def _check(value, placement, where=""):
     placement's device and dtype; integer tensors on its device."""
     device, dtype = _where(placement)
     if isinstance(value, torch.Tensor):
-        assert value.device == device, f"{where}: on {value.device}, not {device}"
+        same = value.device.type == device.type and device.index in (None, value.device.index)
+        assert same, f"{where}: on {value.device}, not {device}"  # "cuda" means "cuda:0" too
         if value.is_floating_point():
             assert value.dtype == dtype, f"{where}: {value.dtype}, not {dtype}"
     elif isinstance(value, dict):
