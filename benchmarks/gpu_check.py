@@ -135,7 +135,43 @@ def run_fit(args) -> dict:
             "loss": [r["loss"] for r in history],
             "on_device": all(p.device.type == device.type for p in vae.parameters()),
         }
+        if device.type == "cuda":
+            try:  # a diagnostic: its failure must not lose the timings above
+                syncs = _host_syncs(vae, rows[:batch].to(device), name, k)
+            except Exception as error:  # noqa: BLE001
+                syncs = {"error": repr(error)}
+            out[f"{name}_k{k}"]["host_syncs"] = syncs
     return out
+
+
+def _host_syncs(vae, batch, name, k, steps=3) -> dict:
+    """Where one ``SVI.step`` makes the host wait for the GPU: CUDA's sync debug mode warns
+    at each such call; counted per step by the Python line that made it."""
+    import collections
+    import warnings
+
+    import torch
+    from pyro.infer import SVI
+
+    from pyro_ladder import make_elbo
+    from pyro_ladder.optim import Adam
+
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-3}), make_elbo(name, k))
+    svi.step(batch)  # first call: Pyro guesses the plate nesting
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                svi.step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught)
+    return {
+        "per_step": len(caught) / steps,
+        "by_line": {line: n / steps for line, n in where.most_common(15)},
+    }
 
 
 def run_eval(args) -> dict:
