@@ -28,6 +28,7 @@ there, results checked to stay there (``benchmarks/gpu_check.sh`` runs this file
 """
 
 import contextlib
+import copy
 import importlib.util
 import math
 import os
@@ -100,12 +101,14 @@ def _check_grads(module, placement):
     assert all(bool(torch.isfinite(g).all()) for g in grads.values())
 
 
-def _ladder(placement, condition_dim=0, inference="top-down"):
-    """A small ladder with batch norm (training mode) and binary data ``(6, 10)``."""
+def _ladder(placement, condition_dim=0, inference="top-down", likelihood="bernoulli"):
+    """A small ladder with batch norm (training mode) and data ``(6, 10)``, binary for the
+    Bernoulli likelihood."""
     device, dtype = _where(placement)
     torch.manual_seed(0)
-    vae = LadderVAE(10, (3, 2), (8, 6), condition_dim=condition_dim, inference=inference)
-    x = torch.rand(6, 10).round()
+    vae = LadderVAE(10, (3, 2), (8, 6), likelihood, inference, condition_dim=condition_dim)
+    x = torch.rand(6, 10)
+    x = x.round() if likelihood == "bernoulli" else x
     return vae.to(device, dtype), x.to(device, dtype)
 
 
@@ -145,6 +148,18 @@ def test_evaluate_sample_and_reconstruct_stay_on_the_placement(inference, placem
     assert torch.isfinite(result["log_likelihood"]).all()
     _check([samples, recon], placement, "sample/reconstruct")
     assert samples.shape == (3, 10) and recon.shape == (6, 10)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_the_gaussian_likelihood_stays_on_the_placement(placement):
+    vae, x = _ladder(placement, likelihood="gaussian")
+    with _strict(placement):
+        loss = make_elbo("iwae-dreg", 2).loss_and_grads(vae.model, vae.guide, x)
+        result = evaluate(vae.model, vae.guide, x, num_samples=4)
+        drawn = vae.sample(3), vae.reconstruct(x)
+    assert math.isfinite(loss)
+    _check_grads(vae, placement)
+    _check([result, drawn], placement, "gaussian")
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
@@ -379,3 +394,40 @@ def test_fit_and_evaluate_follow_the_model_to_the_device(fits, monkeypatch):
     result = evaluate(vae.model, vae.guide, grey.round(), num_samples=50)
     _check(result, DEVICE, "evaluate")
     _check(dict(vae.named_parameters()), DEVICE, "fit")
+
+
+@pytest.mark.skipif(not DEVICE, reason="needs PYRO_LADDER_TEST_DEVICE (e.g. cuda)")
+def test_a_run_on_the_device_resumes_mid_epoch_with_the_same_draws():
+    """The binarization and Pyro's samples draw on the device: its generator's state is
+    saved and restored, so the resumed run redraws the same numbers (to float rounding:
+    GPU kernels need not be bitwise reproducible)."""
+    grey = torch.rand(40, 10)
+    options = dict(
+        epochs=2,
+        batch_size=8,
+        lr=1e-2,
+        binarize=True,
+        seed=3,
+        progress=False,
+        checkpoint_every=2,
+        device=DEVICE,
+    )
+    saves = []
+
+    def train(vae, resume=None):
+        def save(state):
+            saves.append((copy.deepcopy(state), copy.deepcopy(vae.state_dict())))
+
+        return fit(vae.model, vae.guide, grey, **options, checkpoint=save, resume=resume)
+
+    vae, _ = _ladder(DEVICE)
+    history = train(vae)
+    final = copy.deepcopy(vae.state_dict())
+    ((state, weights),) = [
+        s for s in saves if (s[0]["position"]["epoch"], s[0]["position"]["step"]) == (1, 2)
+    ]
+    vae.load_state_dict(weights)  # the same pair: its parameter names key the optimizer's state
+    resumed = train(vae, resume=state)
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in history], rel=1e-5)
+    for name, value in vae.state_dict().items():
+        assert torch.allclose(value, final[name], rtol=1e-4, atol=1e-6), name
