@@ -244,7 +244,9 @@ class _Run:
             lambda: self._floored(self.svi.step, *weight, batch, *self.args, **self.kwargs),
             lambda: pyro.get_param_store().values(),
         )
-        if loss is None or (not isinstance(loss, torch.Tensor) and not math.isfinite(loss)):
+        if isinstance(loss, torch.Tensor):
+            return loss.detach()  # held until read: without the step's graph
+        if loss is None or not math.isfinite(loss):
             raise diverged(f"epoch {self.epoch + 1}, step {self.step + 1}", loss)
         return loss
 
