@@ -73,13 +73,13 @@ fi
     --data-dir "$DATA_DIR" --epochs 1 --seed 0 --no-progress "${cli_size[@]}" --out "$WORK/cli_run"
 [ -f "$WORK/cli_run/metrics.json" ] && cp "$WORK/cli_run/metrics.json" "$WORK/cli.json"
 part eval 90 $PY benchmarks/gpu_check.py eval --device "$DEVICE" --data-dir "$DATA_DIR" \
-    "${tiny[@]}" --out "$WORK/eval.json"
+    ${tiny[@]+"${tiny[@]}"} --out "$WORK/eval.json"
 if [ "$TINY" = 1 ]; then bench_size=(--tiny); else bench_size=(--repeats 20); fi
 part bench 150 $PY -m benchmarks --only train,eval --threads "$OMP_NUM_THREADS" \
     --device "$DEVICE" --data-dir "$DATA_DIR" "${bench_size[@]}" --out "$OUT/benchmark.json"
 [ -f "$OUT/benchmark.json" ] && cp "$OUT/benchmark.json" "$WORK/bench.json"
 part fit 60 $PY benchmarks/gpu_check.py fit --device "$DEVICE" --data-dir "$DATA_DIR" \
-    "${tiny[@]}" --out "$WORK/fit.json"
+    ${tiny[@]+"${tiny[@]}"} --out "$WORK/fit.json"
 
 $PY benchmarks/gpu_check.py summary --work "$WORK" --out "$OUT/gpu_check.json" >/dev/null \
     || echo "{\"summary_failed\": true, \"work\": \"$WORK\"}" >"$OUT/gpu_check.json"
