@@ -47,6 +47,7 @@ from pyro_ladder.toy import DiscreteToyPair, GaussianToyPair, ToyHierarchy
 DEVICE = os.environ.get("PYRO_LADDER_TEST_DEVICE")
 PLACEMENTS = ["float64", "float32-under-float64", "stray-device"] + ([DEVICE] if DEVICE else [])
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_pair.py"
+CONV_SMALL = dict(image_shape=(12, 12), channels=(6, 8), latent_channels=(2, 3))
 
 
 def _where(placement):
@@ -303,7 +304,7 @@ def _tensor_run(losses, sync_every, checkpoint_every, saved):
 
     ref = []
     svi = _TensorLossSVI(losses, ref)
-    options = {"batch_size": 2, "binarize": False, "warmup_epochs": 0}
+    options = {"batch_size": 2, "binarize": False, "warmup_epochs": 0, "free_bits": 0.0}
     run = _Run(
         svi, torch.zeros(2 * len(losses), 3), options, (), {}, saved.append, checkpoint_every
     )
@@ -431,3 +432,22 @@ def test_a_run_on_the_device_resumes_mid_epoch_with_the_same_draws():
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in history], rel=1e-5)
     for name, value in vae.state_dict().items():
         assert torch.allclose(value, final[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_the_conv_ladder_and_free_bits_stay_on_the_placement(placement):
+    from pyro_ladder.conv import ConvLadderVAE
+
+    device, dtype = _where(placement)
+    torch.manual_seed(3)
+    vae = ConvLadderVAE(**CONV_SMALL).to(device, dtype)
+    x = torch.rand(4, 144).round().to(device, dtype)
+    with _strict(placement):
+        loss = make_elbo("iwae", 2).loss_and_grads(vae.model, vae.guide, x)
+        result = evaluate(vae.model, vae.guide, x, num_samples=4)
+        drawn = vae.sample(2), vae.reconstruct(x)
+        history = fit(
+            vae.model, vae.guide, x, epochs=1, batch_size=2, free_bits=0.5, progress=False
+        )
+    assert math.isfinite(loss) and math.isfinite(history[0]["loss"])
+    _check([result, drawn, dict(vae.named_parameters())], placement, "conv")
