@@ -10,8 +10,9 @@
   the Monte Carlo ``log q - log p`` at the sample;
 * :func:`check_guide_covers_model` and :func:`check_reparameterized`: what importance
   weighting needs of a pair;
-* :func:`parameter_roles` (and :func:`split_parameters`): which parameters a pair uses, by
-  role. Every estimator and diagnostic asks here, so the rule lives in one place.
+* :func:`parameter_roles`: which parameters feed the model, the guide or both, by autograd
+  dependence (never by registration). Every estimator and diagnostic asks here, so the
+  rule lives in one place.
 
 None of these open a reuse scope (:mod:`pyro_ladder._memo`): the caller opens one around
 the whole computation whose guide outputs its model may reuse.
@@ -39,9 +40,12 @@ with subsampling (the factor would sit inside the logsumexp).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pyro
 import torch
@@ -49,7 +53,8 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 
-from ._util import without_side_effects
+from ._memo import ReuseOutputs, reuse_outputs
+from ._util import eval_mode, modules_of, preserved_state, without_side_effects
 from .errors import ConfigError
 from .warmup import UNWEIGHTED_MASK
 
@@ -247,31 +252,126 @@ def check_reparameterized(trace, estimator: str) -> None:
             )
 
 
-def split_parameters(model, guide, args, kwargs) -> tuple[dict, dict, dict]:
-    """:func:`parameter_roles` of a pair, from one trace of the guide and the model."""
-    guide_trace, model_trace = particle_traces(model, guide, args, kwargs)
-    return parameter_roles(model_trace, guide_trace)
+class Roles(NamedTuple):
+    """Unconstrained parameters of a pair by what they feed, each ``{name: tensor}``.
 
-
-def parameter_roles(model_trace, guide_trace) -> tuple[dict, dict, dict]:
-    """Unconstrained parameters as ``(guide_only, model, shared)``, each ``{name: tensor}``.
-
-    ``model`` holds every parameter the model registers, including those the guide
-    shares (the ladder's prior networks), which ``shared`` lists on their own;
-    ``guide_only`` holds the rest of the guide's. Roles follow registration today; this is
-    the one function that decides them.
+    ``model``: every parameter the model's log-density depends on at fixed latents,
+    ``shared`` ones included; ``shared``: those the guide's samples or density depend on
+    too (the ladder's prior networks); ``guide_only``: the guide's remaining ones.
     """
+
+    guide_only: dict
+    model: dict
+    shared: dict
+
+
+_ROLES_CACHE: collections.OrderedDict = collections.OrderedDict()
+_ROLES_CACHE_SIZE = 16
+
+
+def parameter_roles(model, guide, args, kwargs, traces=None) -> Roles:
+    """:class:`Roles` of a pair's parameters, found by autograd dependence, never by
+    where a parameter is registered (a module registered whole in both the model and the
+    guide, a ``PyroModule`` or ``pyro.param`` give the same roles as per-network
+    registration).
+
+    One traced pass (eval mode, its own random numbers, no reuse, outer handlers not told
+    of its parameters) gives ``log q`` plus the guide's reparameterized samples, and the
+    model's ``log p(x, z~)`` at detached samples ``z~``; a parameter whose gradient of one
+    of them is ``None`` does not feed it. The answer is cached per pair (the identity of
+    ``model`` and ``guide``) and parameter set (the tensors the pair registers and their
+    ``requires_grad``), read from ``traces`` (``(guide_trace, model_trace)`` of the
+    caller's pass) or from one trace of each. Parameters that take no gradient have no
+    role.
+    """
+    if traces is None:
+        with _quiet_pass(model, guide):
+            traces = particle_traces(model, guide, args, kwargs)
     store = dict(pyro.get_param_store().named_parameters())
-
-    def params(trace):  # by tensor identity: one tensor may be registered under two names
-        found = {}
+    params = {}
+    for trace in traces:
         for name, site in trace.nodes.items():
-            if site["type"] == "param":
-                found.setdefault(id(store[name]), (name, store[name]))
-        return found
+            if site["type"] == "param" and name in store and store[name].requires_grad:
+                params.setdefault(name, store[name])
+    key = (_identity(model), _identity(guide), tuple((n, id(t)) for n, t in params.items()))
+    entry = _ROLES_CACHE.get(key)
+    if entry is not None and entry[0]() is not None and entry[1]() is not None:
+        _ROLES_CACHE.move_to_end(key)
+        return entry[2]
+    roles = _roles_by_dependence(model, guide, args, kwargs, params)
+    refs = (_weak(model), _weak(guide))
+    if refs[0] is not None and refs[1] is not None:
+        _ROLES_CACHE[key] = (*refs, roles)
+        while len(_ROLES_CACHE) > _ROLES_CACHE_SIZE:
+            _ROLES_CACHE.popitem(last=False)
+    return roles
 
-    in_model, in_guide = params(model_trace), params(guide_trace)
-    model_params = dict(in_model.values())
-    guide_only = dict(v for k, v in in_guide.items() if k not in in_model)
-    shared = dict(v for k, v in in_guide.items() if k in in_model)
-    return guide_only, model_params, shared
+
+def _roles_by_dependence(model, guide, args, kwargs, params: dict) -> Roles:
+    """The pass :func:`parameter_roles` describes, on the parameters ``params``."""
+    with _quiet_pass(model, guide), torch.enable_grad():
+        guide_trace, _ = particle_traces(None, guide, args, kwargs)
+        latents = latent_sites(guide_trace)
+        values = {n: s["value"].detach() for n, s in latents}
+        conditioned = poutine.condition(model, data=values)
+        model_trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
+    q_terms = [s["fn"].log_prob(s["value"]).sum() for _, s in latents]
+    # a reparameterized sample carries its parameters even where no density does
+    q_terms += [s["value"].sum() for _, s in latents if s["value"].requires_grad]
+    p_terms = [s["fn"].log_prob(s["value"]).sum() for _, s in sample_sites(model_trace)]
+    names, tensors = list(params), list(params.values())
+    in_guide, in_model = (_depends(terms, tensors) for terms in (q_terms, p_terms))
+    model_params = {n: t for n, t, m in zip(names, tensors, in_model, strict=True) if m}
+    shared = {
+        n: t for n, t, m, g in zip(names, tensors, in_model, in_guide, strict=True) if m and g
+    }
+    guide_only = {
+        n: t for n, t, m, g in zip(names, tensors, in_model, in_guide, strict=True) if g and not m
+    }
+    return Roles(guide_only, model_params, shared)
+
+
+def _depends(terms, tensors) -> list[bool]:
+    """Per tensor: does the sum of ``terms`` depend on it (autograd's ``None``: no)."""
+    live = [t for t in terms if t.requires_grad]
+    if not tensors or not live:
+        return [False] * len(tensors)
+    grads = torch.autograd.grad(sum(live[1:], live[0]), tensors, allow_unused=True)
+    return [g is not None for g in grads]
+
+
+@contextlib.contextmanager
+def _quiet_pass(model, guide):
+    """A pass that leaves no trace on the caller: the random state restored (torch,
+    Python, NumPy and the current CUDA device), batch-norm statistics untouched (eval mode,
+    buffers restored), its own reuse scope with reuse off, and its parameter registrations
+    kept from outer handlers (SVI's capture)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with (
+        preserved_state(model, guide),
+        torch.random.fork_rng(devices=devices),
+        eval_mode(*modules_of(model, guide)),
+        reuse_outputs(False),
+        ReuseOutputs(),
+        poutine.block(hide_types=["param"]),
+    ):
+        yield
+
+
+def _identity(fn):
+    """A hashable identity of a callable: a bound method by its object and function."""
+    owner = getattr(fn, "__self__", None)
+    if owner is not None:
+        return (id(owner), id(getattr(fn, "__func__", fn)))
+    return (id(fn),)
+
+
+def _weak(fn):
+    """A weak reference to ``fn`` (a bound method's object kept by ``WeakMethod``), or
+    ``None`` when ``fn`` cannot be weakly referenced (then nothing is cached)."""
+    try:
+        if getattr(fn, "__self__", None) is not None and hasattr(fn, "__func__"):
+            return weakref.WeakMethod(fn)
+        return weakref.ref(fn)
+    except TypeError:
+        return None

@@ -14,7 +14,7 @@ from ._traces import (
     particle_plate,
     particle_traces,
     site_kl,
-    split_parameters,
+    parameter_roles,
 )
 from ._util import eval_mode, modules_of
 from .errors import ConfigError
@@ -37,8 +37,7 @@ def gradient_snr(model, guide, elbo, data, *args, num_draws: int = 64, **kwargs)
     """
     if not isinstance(num_draws, int) or num_draws < 2:
         raise ConfigError(f"num_draws must be an integer >= 2, got {num_draws!r}")
-    with ReuseOutputs():
-        guide_only, model_params, shared = split_parameters(model, guide, (data, *args), kwargs)
+    guide_only, model_params, shared = parameter_roles(model, guide, (data, *args), kwargs)
     groups = {
         "guide": list(guide_only.values()),
         "model": list(model_params.values()),

@@ -41,7 +41,7 @@ from pyro.infer import ELBO
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ._traces import split_parameters
+from ._traces import parameter_roles
 from ._util import eval_mode, modules_of
 from .data import binarize as binarize_pixels
 from .elbo import make_elbo
@@ -268,13 +268,13 @@ class LightningSVI(pl.LightningModule):
             raise diverged(where)
 
     def _check_parameters(self, batch: torch.Tensor) -> None:
-        """Every parameter the pair registers with Pyro must be one of the tensors Lightning
+        """Every parameter the pair feeds (by dependence) must be one of the tensors Lightning
         optimizes and DDP all-reduces, and registering must not swap any of them."""
         before = [id(p) for p in self.parameters()]
         model, guide = self._pair
         with torch.no_grad(), eval_mode(*self.networks):
             args = self._args(self._inputs(batch))
-            guide_only, in_model, _ = split_parameters(model, guide, args, {})
+            guide_only, in_model, _ = parameter_roles(model, guide, args, {})
         stray = sorted(n for n, t in {**guide_only, **in_model}.items() if id(t) not in before)
         if stray or [id(p) for p in self.parameters()] != before:
             raise ConfigError(

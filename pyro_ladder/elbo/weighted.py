@@ -129,6 +129,11 @@ class _Draws:
         """``(S, B)`` (``(S, 1)`` for a joint weight) log-density of a trace's sites."""
         return log_density(trace, self.nesting, True, only, self.layout.joint)
 
+    def roles(self):
+        """:func:`~pyro_ladder._traces.parameter_roles` of the pair, keyed by this pass's
+        parameters."""
+        return parameter_roles(*self._call, traces=(self.guide_trace, self.model_trace))
+
     @property
     def log_w(self) -> torch.Tensor:
         return self.log_p - self.log_q
@@ -273,15 +278,16 @@ class WeightedELBO(ScopedELBO, ELBO):
         return surrogate
 
     def _split_surrogate(self, draws, guide_coeffs, model_coeffs) -> torch.Tensor:
-        """A surrogate whose gradient comes from ``model_coeffs`` for the parameters
-        the model registers and from ``guide_coeffs`` for the guide's own.
+        """A surrogate whose gradient comes from ``model_coeffs`` for the parameters the
+        model's density depends on (shared ones included) and from ``guide_coeffs`` for the
+        guide's own (:func:`~pyro_ladder._traces.parameter_roles`: by dependence).
 
         Each group's gradient ``g`` is taken by autograd first; the result is a zero whose
         backward hands every parameter ``g`` (the gradient of the linear form
         ``sum_p <g_p, p>`` with ``g`` held fixed, without forming it), so a later
         ``backward`` gives every parameter exactly its group's gradient.
         """
-        guide_only, model_params, _ = parameter_roles(draws.model_trace, draws.guide_trace)
+        guide_only, model_params, _ = draws.roles()
         frozen = list(model_params.values())
         groups = [(guide_only, guide_coeffs, True), (model_params, model_coeffs, False)]
         params, grads = [], []
