@@ -138,6 +138,9 @@ WEIGHTED = [
     ("miwae", {"outer": 2}),
     ("ciwae", {}),
     ("piwae", {"outer": 2}),
+    ("miwae-dreg", {"outer": 2}),
+    ("piwae-dreg", {"outer": 2}),
+    ("rws-dreg", {}),
     ("elbo-condkl-sg", {}),
 ]
 

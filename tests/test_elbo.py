@@ -72,9 +72,11 @@ COMBINATIONS = [(name, kind) for name in sorted(ESTIMATORS) for kind in PAIRS
 
 @pytest.mark.parametrize("name, kind", COMBINATIONS)
 def test_every_estimator_trains_every_pair(name, kind, digits):
-    # DReG refuses batch norm in training mode (elbo/coupling.py)
-    model, guide = _pair(kind, batch_norm=name != "iwae-dreg")
-    weighted = ("iwae", "renyi", "iwae-dreg", "iwae-stl", "miwae", "ciwae", "piwae")
+    # DReG and VIMCO refuse batch norm in training mode (elbo/coupling.py)
+    coupled = getattr(ESTIMATORS[name].cls, "needs_independent_particles", False)
+    model, guide = _pair(kind, batch_norm=not coupled)
+    weighted = ("iwae", "renyi", "iwae-dreg", "iwae-stl", "miwae", "ciwae", "piwae",
+                "miwae-dreg", "piwae-dreg", "rws", "rws-dreg", "vimco")
     particles = 3 if name in weighted else 1
     before = _elbo(model, guide, digits)
     _train(model, guide, digits, name, particles)

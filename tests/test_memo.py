@@ -186,7 +186,10 @@ def test_kl_warm_up_keeps_the_reuse():
 
 # ---- the switch: reuse on and off give the same numbers, for every estimator ----
 
-MULTI = {"iwae", "renyi", "iwae-dreg", "iwae-stl", "miwae", "piwae", "ciwae"}
+MULTI = {
+    "iwae", "renyi", "iwae-dreg", "iwae-stl", "miwae", "piwae", "ciwae",
+    "miwae-dreg", "piwae-dreg", "rws", "rws-dreg", "vimco",
+}
 
 
 def _step(name, inference, reuse, method):

@@ -17,6 +17,8 @@ OPTIONS = {
     "renyi": {"alpha": 0.4},
     "miwae": {"outer": 2},
     "piwae": {"outer": 2},
+    "miwae-dreg": {"outer": 2},
+    "piwae-dreg": {"outer": 2},
     "ciwae": {"beta": 0.3},
 }
 # the JIT estimators' surrogates run uncompiled: compared with the estimator they compile

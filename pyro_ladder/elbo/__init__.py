@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pyro.infer import ELBO
 
 from ..errors import ConfigError
+from .dreg import MIWAE_DReG, PIWAE_DReG
 from .enum import EnumELBO
 from .renyi import Renyi
+from .rws import RWS, RWS_DReG
 from .scoped import (
     JitTrace_ELBO,
     JitTraceGraph_ELBO,
@@ -23,6 +25,7 @@ from .scoped import (
     TraceGraph_ELBO,
     TraceMeanField_ELBO,
 )
+from .vimco import VIMCO
 from .weighted import (
     CIWAE,
     IWAE_STL,
@@ -44,6 +47,11 @@ __all__ = [
     "IWAE_DReG",
     "IWAE_STL",
     "MIWAE",
+    "MIWAE_DReG",
+    "PIWAE_DReG",
+    "RWS",
+    "RWS_DReG",
+    "VIMCO",
     "STL",
     "WeightedELBO",
     "describe_estimators",
@@ -81,6 +89,21 @@ ESTIMATORS: dict[str, Estimator] = {
     "miwae": Estimator(MIWAE, {}, "mean of M IWAE_K bounds; option outer=M, K=num_particles"),
     "piwae": Estimator(
         PIWAE, {}, "encoder MIWAE(M, K), decoder IWAE(M K) gradients; option outer=M"
+    ),
+    "miwae-dreg": Estimator(
+        MIWAE_DReG, {}, "MIWAE bound, doubly reparameterized guide gradients; option outer=M"
+    ),
+    "piwae-dreg": Estimator(
+        PIWAE_DReG, {}, "encoder MIWAE(M, K) DReG, decoder IWAE(M K) gradients; option outer=M"
+    ),
+    "rws": Estimator(
+        RWS, {}, "reweighted wake-sleep: wake-theta IWAE, wake-phi KL(p || q); discrete ok"
+    ),
+    "rws-dreg": Estimator(
+        RWS_DReG, {}, "reweighted wake-sleep, doubly reparameterized wake-phi (Tucker 2019)"
+    ),
+    "vimco": Estimator(
+        VIMCO, {}, "IWAE bound, leave-one-out baselines for discrete guide sites; K >= 2"
     ),
     "elbo-condkl-sg": Estimator(
         CondKLSemiGradient, {}, "ELBO; conditional KLs do not move upper samples (semi-gradient)"

@@ -109,11 +109,12 @@ class _Draws:
     module's derivation), running the model or the guide once more, only when asked.
     """
 
-    def __init__(self, model, guide, args, kwargs, particles, nesting, estimator):
+    def __init__(self, model, guide, args, kwargs, particles, nesting, estimator, rsample=True):
         self._call = (model, guide, args, kwargs)
         self.particles, self.nesting = particles, nesting
         self.guide_trace, self.model_trace = particle_traces(model, guide, args, kwargs, particles)
-        check_reparameterized(self.guide_trace, estimator)
+        if rsample:
+            check_reparameterized(self.guide_trace, estimator)
         # site -> live reparameterized sample (S, ..., B, event)
         self.latents = {n: s["value"] for n, s in latent_sites(self.guide_trace)}
         check_guide_covers_model(self.model_trace, self.guide_trace)
@@ -172,11 +173,13 @@ class WeightedELBO(ScopedELBO, ELBO):
     Subclasses implement :meth:`objective` and may override :meth:`coefficients`.
     A subclass whose gradient assumes that each weight depends on its own sample only
     (the DReG family) sets :attr:`needs_independent_particles`; it then refuses pairs that
-    couple particles (:mod:`.coupling`).
+    couple particles (:mod:`.coupling`). One that serves guides with discrete sites sets
+    ``rsample = False``.
     """
 
     #: the gradient assumes ``log w_s`` depends on ``z_s`` alone (checked, :mod:`.coupling`)
     needs_independent_particles: bool = False
+    rsample = True  # refuse guide sites without rsample
 
     def __init__(self, num_particles: int = 1, max_plate_nesting: float = float("inf")):
         super().__init__(
@@ -322,7 +325,8 @@ class WeightedELBO(ScopedELBO, ELBO):
             self.max_plate_nesting = max_plate_nesting(model, guide, args, kwargs)
         nesting = self.max_plate_nesting
         particles = particle_plate("_num_particles_vectorized", self.num_particles, nesting)
-        return _Draws(model, guide, args, kwargs, particles, nesting, type(self).__name__)
+        name = type(self).__name__
+        return _Draws(model, guide, args, kwargs, particles, nesting, name, self.rsample)
 
 
 class _GivenGradients(torch.autograd.Function):
