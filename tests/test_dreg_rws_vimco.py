@@ -304,3 +304,39 @@ def test_vimco_refuses_one_particle_and_bad_options():
         make_elbo("miwae-dreg", 2, shared="both")
     with pytest.raises(ConfigError, match="outer"):
         make_elbo("piwae-dreg", 2, outer=0, max_plate_nesting=1)
+
+
+# ---- bad calls: the argument is named (issue 15.4) ----
+
+
+def test_gradient_snr_with_its_arguments_swapped_names_the_argument(vae, x):
+    from pyro_ladder import DataError
+    from pyro_ladder.diagnostics import gradient_snr
+
+    elbo = make_elbo("iwae", 4)
+    with pytest.raises(ConfigError, match="elbo must be an estimator"):
+        gradient_snr(vae.model, vae.guide, x, elbo)
+    with pytest.raises(ConfigError, match="guide must be the pair's guide"):
+        gradient_snr(vae.model, elbo, vae.guide, x)
+    with pytest.raises(DataError, match="data must be a torch.Tensor"):
+        gradient_snr(vae.model, vae.guide, elbo, x.tolist())
+
+
+def test_estimators_evaluate_and_diagnostics_name_a_misplaced_argument(vae, x):
+    from pyro_ladder import DataError, evaluate
+    from pyro_ladder.diagnostics import effective_sample_size, kl_per_unit, mutual_information
+    from pyro_ladder.elbo.surrogate import differentiable_loss
+
+    elbo = make_elbo("rws", 2)
+    with pytest.raises(ConfigError, match="model must be the pair's model"):
+        elbo.loss_and_grads(x, vae.guide)
+    with pytest.raises(ConfigError, match="elbo must be an estimator"):
+        differentiable_loss(vae.model, elbo, vae.guide, x)
+    with pytest.raises(ConfigError, match="guide must be"):
+        evaluate(vae.model, x, vae.guide)
+    with pytest.raises(DataError, match="at least one data point"):
+        effective_sample_size(vae.model, vae.guide, x[:0])
+    with pytest.raises(ConfigError, match="guide must be"):
+        mutual_information(x, vae.guide)
+    with pytest.raises(ConfigError, match="model must be"):
+        kl_per_unit(elbo, vae.guide, x)
