@@ -288,11 +288,13 @@ def parameter_roles(model, guide, args, kwargs, traces=None) -> Roles:
         with _quiet_pass(model, guide):
             traces = particle_traces(model, guide, args, kwargs)
     store = dict(pyro.get_param_store().named_parameters())
-    params = {}
+    params, seen = {}, set()  # one entry per tensor: it may be registered under two names
     for trace in traces:
         for name, site in trace.nodes.items():
-            if site["type"] == "param" and name in store and store[name].requires_grad:
-                params.setdefault(name, store[name])
+            tensor = store.get(name) if site["type"] == "param" else None
+            if tensor is not None and tensor.requires_grad and id(tensor) not in seen:
+                params[name] = tensor
+                seen.add(id(tensor))
     key = (_identity(model), _identity(guide), tuple((n, id(t)) for n, t in params.items()))
     entry = _ROLES_CACHE.get(key)
     if entry is not None and entry[0]() is not None and entry[1]() is not None:

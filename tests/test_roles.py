@@ -110,6 +110,18 @@ class WholeModule(PerNetwork):
         _guide(x, self.p)
 
 
+class TwiceRegistered(PerNetwork):
+    """The whole module *and* each network: every tensor under two names."""
+
+    def model(self, x):
+        pyro.module("twice", self)
+        super().model(x)
+
+    def guide(self, x):
+        pyro.module("twice", self)
+        super().guide(x)
+
+
 class AsPyroModule(PyroModule):
     """A ``PyroModule``: parameters registered on attribute access."""
 
@@ -162,7 +174,7 @@ class ParamStore:
         return {n: store[f"ps.{n}"].grad for n in _weights()}
 
 
-STYLES = [PerNetwork, WholeModule, AsPyroModule, ParamStore]
+STYLES = [PerNetwork, WholeModule, AsPyroModule, ParamStore, TwiceRegistered]
 OPTIONS = {
     "renyi": {"alpha": 0.5},
     "miwae": {"outer": 2},
@@ -202,8 +214,9 @@ def test_roles_are_the_same_in_every_style(x):
         found = {}
         for role, group in (("guide", guide_only), ("model", model), ("shared", shared)):
             for tensor in group.values():
-                net = by_id[id(tensor)].replace("ps.", "").replace("pn_", "").replace("pair$$$", "")
-                found.setdefault(net.split(".")[0].split("$$$")[0], set()).add(role)
+                parts = by_id[id(tensor)].replace("$$$", ".").split(".")
+                net = next(p for p in parts if p not in ("pair", "twice", "ps"))
+                found.setdefault(net.removeprefix("pn_"), set()).add(role)
         expected = {net: {"model", "shared"} if r == "shared" else {r} for net, r in ROLE.items()}
         assert found == expected, style.__name__
 
