@@ -3,13 +3,15 @@
 Trains a pair with Gaussian layers and a pair with a categorical z1, the latter with every
 way the library has to train a discrete layer: ``tracegraph`` without a baseline, with
 Pyro's decaying-average baseline and with a baseline network, ``enum`` (z1 summed out
-exactly in the guide) and plain ``elbo`` (score function on the whole log-weight). Reports
+exactly in the guide), plain ``elbo`` (score function on the whole log-weight), ``vimco``
+(the IWAE bound of K = 4 draws with leave-one-out baselines) and ``rws`` (reweighted
+wake-sleep, K = 4; its guide follows KL(p || q), not the bound). Reports
 the test ELBO and importance-sampled log p(x | c) against the exact value of the true
 process, the true log-density of the models' own draws (how far samples fall from the
 data: errors compound down the hierarchy), and the variance and SNR of the gradient of
 every estimator at one common parameter point. Writes results.json and figures into --out.
 
-    python experiments/discrete_layers.py --out docs/results/discrete     # about 6 min
+    python experiments/discrete_layers.py --out docs/results/discrete     # about 8 min
     python experiments/discrete_layers.py --quick --out /tmp/discrete     # seconds
 """
 
@@ -34,7 +36,10 @@ RUNS = {  # label: (pair, estimator, baseline at z1)
     "discrete, tracegraph + average": ("discrete", "tracegraph", "average"),
     "discrete, tracegraph + net": ("discrete", "tracegraph", "net"),
     "discrete, enum": ("discrete", "enum", None),
+    "discrete, vimco K=4": ("discrete", "vimco", None),
+    "discrete, rws K=4": ("discrete", "rws", None),
 }
+PARTICLES = {"vimco": 4, "rws": 4}  # multi-sample estimators: K draws per data point
 GROUPS = {  # parameter group: networks of the pair
     "guide q(z1)": ("q1",),
     "guide q(z2)": ("q2",),
@@ -84,7 +89,7 @@ def train(label, args, data) -> tuple[dict, torch.nn.Module]:
     pyro.set_rng_seed(args.seed)
     _clear_average_baselines()
     pair = make_pair(kind, baseline, args, data)
-    elbo = make_elbo(estimator, max_plate_nesting=1)
+    elbo = make_elbo(estimator, PARTICLES.get(estimator, 1), max_plate_nesting=1)
     start = time.perf_counter()
     history = fit(pair.model, pair.guide, data.train_inputs, elbo=elbo, epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -121,7 +126,7 @@ def gradient_statistics(pair, estimator, args, batch) -> dict:
     The rows are shuffled for every draw, as in training: Pyro's decaying average baseline
     is kept per batch position, and on a fixed order it would become a per-row baseline it
     never is in training. Before the draws each baseline is fitted at these parameters."""
-    elbo = make_elbo(estimator, max_plate_nesting=1)
+    elbo = make_elbo(estimator, PARTICLES.get(estimator, 1), max_plate_nesting=1)
     _fit_baseline(pair, elbo, batch)
     draws = torch.stack([_grads(elbo, pair, _shuffled(batch)) for _ in range(args.draws)])
     out, start = {}, 0

@@ -2,8 +2,8 @@
 
 Trains a ladder briefly with the ELBO, then, at those fixed parameters, measures the guide's
 and the model's gradient SNR (pyro_ladder.diagnostics.gradient_snr) for iwae, iwae-dreg,
-iwae-dreg with DReG on the shared prior networks too, miwae (M = 4 outer bounds of K) and
-ciwae (beta = 0.5) at K in {1, 4, 16, 64}, and the
+iwae-dreg with DReG on the shared prior networks too, miwae (M = 4 outer bounds of K),
+ciwae (beta = 0.5), miwae-dreg (M = 4), rws and rws-dreg at K in {1, 4, 16, 64}, and the
 effective sample size of K draws. Writes snr.json and snr.png into --out.
 
     python experiments/gradient_snr.py --data-dir ../shared/data --out docs/results/snr
@@ -30,6 +30,9 @@ ESTIMATORS = {  # label: (make_elbo name, options)
     "iwae-dreg shared=dreg": ("iwae-dreg", {"shared": "dreg"}),
     "miwae M=4": ("miwae", {"outer": 4}),
     "ciwae beta=0.5": ("ciwae", {"beta": 0.5}),
+    "miwae-dreg M=4": ("miwae-dreg", {"outer": 4}),
+    "rws": ("rws", {}),
+    "rws-dreg": ("rws-dreg", {}),
 }
 
 

@@ -29,9 +29,11 @@ def gradient_snr(model, guide, elbo, data, *args, num_draws: int = 64, **kwargs)
     per parameter group, reports for the elementwise ratio ``|mean| / std`` its ``mean``
     and ``median`` (elements with zero spread are left out), and ``aggregate``: the mean
     of the squared means over the mean of the variances (Tucker et al. 2019's summary, on
-    the squared scale). Groups: ``"guide"`` holds the guide's own parameters, ``"model"``
-    every parameter the model registers, those it shares with the guide included, and
-    ``"shared"`` those shared ones alone (empty for a guide with its own networks).
+    the squared scale). Groups, by autograd dependence whatever the registration
+    (:func:`~pyro_ladder._traces.parameter_roles`): ``"guide"`` holds the parameters only
+    the guide depends on, ``"model"`` every parameter the model's density depends on,
+    those the guide depends on too included, and ``"shared"`` those shared ones alone
+    (empty for a guide with its own networks).
     Leaves the parameters' ``.grad`` cleared.
 
     :returns: ``{"guide": {...}, "model": {...}, "shared": {...}, "num_draws": n}``.

@@ -372,9 +372,10 @@ class IWAE_DReG(WeightedELBO):
     """IWAE bound with doubly reparameterized gradients (``"iwae-dreg"``); see the module.
 
     :param shared: ``"dreg"`` applies the doubly reparameterized estimate to every
-        parameter (the derivation above). ``"iwae"`` keeps it for the guide's own
-        parameters and gives the parameters the model registers (shared ones included) the
-        plain IWAE gradient, which is just as unbiased; measured on the ladder, the DReG
+        parameter (the derivation above). ``"iwae"`` keeps it for the parameters only the
+        guide depends on and gives those the model's density depends on (shared ones
+        included) the plain IWAE gradient, which is just as unbiased; measured on the
+        ladder, the DReG
         path term makes the shared prior networks' gradient far noisier (README), so this
         is the default.
 
@@ -461,8 +462,9 @@ class PIWAE(MIWAE):
     ``M * K`` draws the encoder gets the ``MIWAE(M, K)`` gradient and the decoder the
     ``IWAE(M K)`` gradient. The loss value is ``IWAE(M K)``.
 
-    Encoder and decoder are split by where parameters are registered: the decoder is every
-    parameter the model registers, parameters the guide shares with it included (the
+    Encoder and decoder are split by autograd dependence, whatever the registration: the
+    decoder is every parameter the model's density depends on, those the guide uses too
+    included (the
     ladder's prior networks, which define ``p(z_i | z_{i+1})`` and serve the merge); the
     encoder is the guide's own remaining parameters. The prior networks go with the decoder
     because they are parameters of the generative model, whose gradient signal improves
