@@ -3,7 +3,8 @@
 Trains a ladder briefly with the ELBO, then, at those fixed parameters, measures the guide's
 and the model's gradient SNR (pyro_ladder.diagnostics.gradient_snr) for iwae, iwae-dreg,
 iwae-dreg with DReG on the shared prior networks too, miwae (M = 4 outer bounds of K),
-ciwae (beta = 0.5), miwae-dreg (M = 4), rws and rws-dreg at K in {1, 4, 16, 64}, and the
+ciwae (beta = 0.5), miwae-dreg (M = 4), rws, rws-dreg and rws-dreg with wake-theta alone
+for the shared prior networks at K in {1, 4, 16, 64}, and the
 effective sample size of K draws. Writes snr.json and snr.png into --out.
 
     python experiments/gradient_snr.py --data-dir ../shared/data --out docs/results/snr
@@ -33,6 +34,7 @@ ESTIMATORS = {  # label: (make_elbo name, options)
     "miwae-dreg M=4": ("miwae-dreg", {"outer": 4}),
     "rws": ("rws", {}),
     "rws-dreg": ("rws-dreg", {}),
+    "rws-dreg shared=theta": ("rws-dreg", {"shared": "theta"}),
 }
 
 

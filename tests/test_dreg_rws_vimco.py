@@ -129,6 +129,31 @@ def test_rws_wake_theta_is_the_iwae_gradient_of_model_only_parameters(vae, x):
         assert checked
 
 
+def test_rws_shared_theta_gives_shared_parameters_wake_theta_alone(vae, x):
+    params = list(vae.parameters())
+    runs = {
+        (name, shared): _loss_and_grads(
+            make_elbo(name, 5, shared=shared, max_plate_nesting=1), params, vae.model, vae.guide, x
+        )[1]
+        for name in ("rws", "rws-dreg")
+        for shared in ("both", "theta")
+    }
+    for i, (n, _) in enumerate(vae.named_parameters()):
+        if n.startswith("inference"):  # the guide's own: wake-phi, as by default
+            for name in ("rws", "rws-dreg"):
+                torch.testing.assert_close(runs[name, "theta"][i], runs[name, "both"][i])
+        else:  # model and shared prior networks: wake-theta alone, the same for both
+            torch.testing.assert_close(
+                runs["rws", "theta"][i], runs["rws-dreg", "theta"][i], rtol=1e-9, atol=1e-12
+            )
+    prior = [i for i, (n, _) in enumerate(vae.named_parameters()) if "prior" in n]
+    assert prior and not torch.allclose(
+        runs["rws", "theta"][prior[0]], runs["rws", "both"][prior[0]]
+    )
+    with pytest.raises(ConfigError, match="shared"):
+        make_elbo("rws", 2, shared="dreg")
+
+
 class _Conjugate(PyroModule):
     """``z ~ N(0, 1)``, ``x | z ~ N(z + b, 1)``; guide ``q(z) = N(m, s)``. Posterior
     ``N((x - b) / 2, 1/2)``, ``p(x) = N(b, 2)``."""

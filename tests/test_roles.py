@@ -224,12 +224,20 @@ def test_roles_are_the_same_in_every_style(x):
 NAMES = sorted(n for n in ESTIMATORS if not n.startswith("jit-"))
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_every_estimator_gives_the_same_gradients_in_every_registration_style(name, x):
-    ref_loss, ref = _run(PerNetwork, name, x)
+CASES = [(n, {}) for n in NAMES] + [
+    ("iwae-dreg", {"shared": "dreg"}),
+    ("miwae-dreg", {"shared": "dreg"}),
+    ("rws", {"shared": "theta"}),
+    ("rws-dreg", {"shared": "theta"}),
+]
+
+
+@pytest.mark.parametrize("name, options", CASES, ids=[f"{n}{o or ''}" for n, o in CASES])
+def test_every_estimator_gives_the_same_gradients_in_every_registration_style(name, options, x):
+    ref_loss, ref = _run(PerNetwork, name, x, **options)
     assert any(g.abs().sum() > 0 for n, g in ref.items() if n.startswith("enc"))
     for style in STYLES[1:]:
-        loss, grads = _run(style, name, x)
+        loss, grads = _run(style, name, x, **options)
         assert loss == pytest.approx(ref_loss, rel=1e-12), style.__name__
         for n, g in grads.items():
             torch.testing.assert_close(g, ref[n], rtol=1e-9, atol=1e-12, msg=f"{style} {n}")

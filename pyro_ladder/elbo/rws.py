@@ -9,9 +9,12 @@ normalized weights ``w_bar``, reweighted wake-sleep (Bornschein & Bengio 2015) m
   a self-normalized estimate of ``-d KL(p(z | x) || q(z | x))``, so the guide chases the
   posterior from the inclusive side, whatever the bound says.
 
-A parameter both depend on (the ladder's prior networks) gets both terms. In
-:mod:`.weighted`'s engine these are the coefficients ``(c_p, c_q, c_path) = (w_bar,
--w_bar, 0)`` for every parameter, so no split by role is needed. The sleep phases (fitting
+A parameter both depend on (the ladder's prior networks) gets both terms (``shared="both"``,
+the default). In :mod:`.weighted`'s engine these are the coefficients ``(c_p, c_q, c_path)
+= (w_bar, -w_bar, 0)`` for every parameter, so no split by role is needed.
+``shared="theta"`` gives the shared ones wake-theta alone (roles by autograd dependence,
+:func:`~pyro_ladder._traces.parameter_roles`): wake-phi's score term has mean zero at
+``K = 1`` and is noisy for them. The sleep phases (fitting
 ``q`` to dreamt ``(x, z)``) are not implemented. The loss value is the IWAE bound.
 
 ``rws-dreg`` (Tucker et al. 2019, section 4) replaces wake-phi's score term by its doubly
@@ -39,14 +42,26 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
+from .surrogate import value_with_gradient
 from .weighted import WeightedELBO, _iwae
 
 
 class RWS(WeightedELBO):
     """Reweighted wake-sleep, wake-theta and wake-phi (``"rws"``; see the module). Guide
-    sites need not be reparameterized."""
+    sites need not be reparameterized.
+
+    :param shared: ``"both"`` (default): parameters the model and the guide both depend on
+        get wake-theta plus wake-phi; ``"theta"``: wake-theta alone.
+    """
 
     rsample = False
+
+    def __init__(self, num_particles=1, shared: str = "both", max_plate_nesting=float("inf")):
+        if shared not in ("both", "theta"):
+            raise ConfigError(f"shared must be 'both' or 'theta', got {shared!r}")
+        self.shared = shared
+        super().__init__(num_particles, max_plate_nesting)
 
     def objective(self, log_w):
         return _iwae(log_w)
@@ -54,6 +69,16 @@ class RWS(WeightedELBO):
     def coefficients(self, log_w):
         w_bar = log_w.softmax(0)  # (K, B)
         return w_bar, -w_bar, torch.zeros_like(w_bar)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        if self.shared == "both":
+            return super().differentiable_loss(model, guide, *args, **kwargs)
+        draws = self._draw(model, guide, args, kwargs)
+        log_w = draws.log_w.detach()  # (K, B)
+        zero = torch.zeros_like(log_w)
+        wake_theta = (log_w.softmax(0), zero, zero)  # c_q is c_path: no guide pass
+        surrogate = self._split_surrogate(draws, self.coefficients(log_w), wake_theta)
+        return value_with_gradient(-self.objective(log_w).sum(), surrogate)
 
 
 class RWS_DReG(RWS):
