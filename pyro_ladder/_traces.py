@@ -311,25 +311,24 @@ def parameter_roles(model, guide, args, kwargs, traces=None) -> Roles:
 
 def _roles_by_dependence(model, guide, args, kwargs, params: dict) -> Roles:
     """The pass :func:`parameter_roles` describes, on the parameters ``params``."""
-    with _quiet_pass(model, guide), torch.enable_grad():
+    names, tensors = list(params), list(params.values())
+    # the caller may run under no_grad (a check before training): the pass and its
+    # log-densities need a graph all the same
+    with _quiet_pass(model, guide), torch.inference_mode(False), torch.enable_grad():
         guide_trace, _ = particle_traces(None, guide, args, kwargs)
         latents = latent_sites(guide_trace)
         values = {n: s["value"].detach() for n, s in latents}
         conditioned = poutine.condition(model, data=values)
         model_trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
-    q_terms = [s["fn"].log_prob(s["value"]).sum() for _, s in latents]
-    # a reparameterized sample carries its parameters even where no density does
-    q_terms += [s["value"].sum() for _, s in latents if s["value"].requires_grad]
-    p_terms = [s["fn"].log_prob(s["value"]).sum() for _, s in sample_sites(model_trace)]
-    names, tensors = list(params), list(params.values())
-    in_guide, in_model = (_depends(terms, tensors) for terms in (q_terms, p_terms))
-    model_params = {n: t for n, t, m in zip(names, tensors, in_model, strict=True) if m}
-    shared = {
-        n: t for n, t, m, g in zip(names, tensors, in_model, in_guide, strict=True) if m and g
-    }
-    guide_only = {
-        n: t for n, t, m, g in zip(names, tensors, in_model, in_guide, strict=True) if g and not m
-    }
+        q_terms = [s["fn"].log_prob(s["value"]).sum() for _, s in latents]
+        # a reparameterized sample carries its parameters even where no density does
+        q_terms += [s["value"].sum() for _, s in latents if s["value"].requires_grad]
+        p_terms = [s["fn"].log_prob(s["value"]).sum() for _, s in sample_sites(model_trace)]
+        in_guide, in_model = (_depends(terms, tensors) for terms in (q_terms, p_terms))
+    rows = list(zip(names, tensors, in_model, in_guide, strict=True))
+    model_params = {n: t for n, t, m, _ in rows if m}
+    shared = {n: t for n, t, m, g in rows if m and g}
+    guide_only = {n: t for n, t, m, g in rows if g and not m}
     return Roles(guide_only, model_params, shared)
 
 

@@ -258,6 +258,16 @@ def test_whole_module_registration_gets_the_dreg_guide_gradient(x):
             torch.testing.assert_close(dreg[n], iwae[n], rtol=1e-9, atol=1e-12)
 
 
+def test_roles_found_under_no_grad_are_the_same(x):
+    pair = WholeModule()
+    with torch.no_grad():  # as in a check before training; the answer is cached for later
+        quiet = parameter_roles(pair.model, pair.guide, (x,), {})
+    assert [len(group) for group in quiet] == [6, 4, 2]  # enc + 2 heads; prior + dec; prior
+    with torch.no_grad():
+        again = parameter_roles(pair.model, pair.guide, (x,), {})
+    assert again is quiet
+
+
 def test_roles_are_cached_per_pair_and_parameter_set_and_leave_the_rng_alone(x, monkeypatch):
     import pyro_ladder._traces as traces
 
