@@ -281,8 +281,9 @@ def parameter_roles(model, guide, args, kwargs, traces=None) -> Roles:
     of them is ``None`` does not feed it. The answer is cached per pair (the identity of
     ``model`` and ``guide``) and parameter set (the tensors the pair registers and their
     ``requires_grad``), read from ``traces`` (``(guide_trace, model_trace)`` of the
-    caller's pass) or from one trace of each. Parameters that take no gradient have no
-    role.
+    caller's pass) or from one trace of each; a pair rebuilt at every call (a new lambda)
+    is examined at every call. Parameters that take no gradient have no role, nor do
+    parameters neither side depends on.
     """
     if traces is None:
         with _quiet_pass(model, guide):
@@ -299,11 +300,12 @@ def parameter_roles(model, guide, args, kwargs, traces=None) -> Roles:
     entry = _ROLES_CACHE.get(key)
     if entry is not None and entry[0]() is not None and entry[1]() is not None:
         _ROLES_CACHE.move_to_end(key)
-        return entry[2]
+        return entry[3]
     roles = _roles_by_dependence(model, guide, args, kwargs, params)
     refs = (_weak(model), _weak(guide))
     if refs[0] is not None and refs[1] is not None:
-        _ROLES_CACHE[key] = (*refs, roles)
+        # the entry holds the key's tensors, so their ids cannot pass to new tensors
+        _ROLES_CACHE[key] = (*refs, tuple(params.values()), roles)
         while len(_ROLES_CACHE) > _ROLES_CACHE_SIZE:
             _ROLES_CACHE.popitem(last=False)
     return roles
