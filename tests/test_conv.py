@@ -11,7 +11,10 @@ from pyro_ladder.conv.blocks import resolutions
 from pyro_ladder.diagnostics import active_units
 
 SMALL = dict(image_shape=(12, 12), channels=(6, 8), latent_channels=(2, 3))
-WEIGHTED = ("iwae", "renyi", "iwae-dreg", "iwae-stl", "miwae", "ciwae", "piwae")
+WEIGHTED = (
+    "iwae", "renyi", "iwae-dreg", "iwae-stl", "miwae", "ciwae", "piwae",
+    "miwae-dreg", "piwae-dreg", "rws", "rws-dreg", "vimco",
+)
 
 
 def _vae(inference="top-down", skip=True, dtype=torch.float64, **kw):
