@@ -54,7 +54,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 
 from ._memo import ReuseOutputs, reuse_outputs
-from ._util import eval_mode, modules_of, preserved_state, without_side_effects
+from ._util import eval_mode, modules_of, without_side_effects
 from .errors import ConfigError
 from .warmup import UNWEIGHTED_MASK
 
@@ -345,13 +345,16 @@ def _depends(terms, tensors) -> list[bool]:
 
 @contextlib.contextmanager
 def _quiet_pass(model, guide):
-    """A pass that leaves no trace on the caller: the random state restored (torch,
-    Python, NumPy and the current CUDA device), batch-norm statistics untouched (eval mode,
-    buffers restored), its own reuse scope with reuse off, and its parameter registrations
-    kept from outer handlers (SVI's capture)."""
+    """A pass that leaves no trace on the caller: torch's random state restored (CPU and
+    the current CUDA device; Pyro draws from nothing else), batch-norm statistics untouched
+    (eval mode), its own reuse scope with reuse off, and its parameter registrations kept
+    from outer handlers (SVI's capture).
+
+    Buffers are left alone, not restored afterwards (``preserved_state``): a restoring copy
+    would bump the version of buffers that the caller's live graph saved for its backward.
+    """
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with (
-        preserved_state(model, guide),
         torch.random.fork_rng(devices=devices),
         eval_mode(*modules_of(model, guide)),
         reuse_outputs(False),
