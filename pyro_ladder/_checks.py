@@ -9,7 +9,7 @@ from pyro.infer import ELBO
 from .errors import ConfigError, DataError
 
 
-def check_pair(where: str, **fns) -> None:
+def check_pair_args(where: str, **fns) -> None:
     """Each of ``fns`` (``model=...``, ``guide=...``) must be a callable pair function,
     not an estimator, a tensor or a config."""
     for name, fn in fns.items():
@@ -20,7 +20,7 @@ def check_pair(where: str, **fns) -> None:
             )
 
 
-def check_estimator(where: str, elbo) -> None:
+def check_estimator_arg(where: str, elbo) -> None:
     """``elbo`` must be an estimator (``make_elbo(...)`` or a Pyro ELBO)."""
     if not isinstance(elbo, ELBO) and not callable(getattr(elbo, "loss_and_grads", None)):
         raise ConfigError(
@@ -29,7 +29,7 @@ def check_estimator(where: str, elbo) -> None:
         )
 
 
-def check_data(where: str, data, name: str = "data", nonempty: bool = True) -> None:
+def check_data_arg(where: str, data, name: str = "data", nonempty: bool = True) -> None:
     """``data`` must be a tensor with a data dimension first (holding a data point, unless
     ``nonempty`` is False)."""
     if not isinstance(data, torch.Tensor):

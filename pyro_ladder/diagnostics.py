@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import torch
 
-from ._checks import check_data, check_estimator, check_pair
+from ._checks import check_data_arg, check_estimator_arg, check_pair_args
 from ._memo import ReuseOutputs
 from ._traces import (
     latent_sites,
@@ -38,9 +38,9 @@ def gradient_snr(model, guide, elbo, data, *args, num_draws: int = 64, **kwargs)
 
     :returns: ``{"guide": {...}, "model": {...}, "shared": {...}, "num_draws": n}``.
     """
-    check_pair("gradient_snr", model=model, guide=guide)
-    check_estimator("gradient_snr", elbo)
-    check_data("gradient_snr", data)
+    check_pair_args("gradient_snr", model=model, guide=guide)
+    check_estimator_arg("gradient_snr", elbo)
+    check_data_arg("gradient_snr", data)
     if not isinstance(num_draws, int) or num_draws < 2:
         raise ConfigError(f"num_draws must be an integer >= 2, got {num_draws!r}")
     guide_only, model_params, shared = parameter_roles(model, guide, (data, *args), kwargs)
@@ -66,8 +66,8 @@ def gradient_snr(model, guide, elbo, data, *args, num_draws: int = 64, **kwargs)
 
 def effective_sample_size(model, guide, data, *args, num_samples: int = 100, **kwargs):
     """``(sum_k w_k)^2 / sum_k w_k^2`` per data point, from ``num_samples`` draws: ``(N,)``."""
-    check_pair("effective_sample_size", model=model, guide=guide)
-    check_data("effective_sample_size", data)
+    check_pair_args("effective_sample_size", model=model, guide=guide)
+    check_data_arg("effective_sample_size", data)
     return evaluate(model, guide, data, *args, num_samples=num_samples, **kwargs)["ess"]
 
 
@@ -120,8 +120,8 @@ def active_units(
 
     :returns: ``{site: {"variance": (k,), "active": int, "units": k}}``.
     """
-    check_pair("active_units", guide=guide)  # the model is not used
-    check_data("active_units", data)
+    check_pair_args("active_units", guide=guide)  # the model is not used
+    check_data_arg("active_units", data)
     means = defaultdict(list)
     with eval_mode(*modules_of(model, guide)):
         for start in range(0, len(data), batch_size):
@@ -159,8 +159,8 @@ def mutual_information(
 
     :returns: ``{site: float}``.
     """
-    check_pair("mutual_information", guide=guide)
-    check_data("mutual_information", data)
+    check_pair_args("mutual_information", guide=guide)
+    check_data_arg("mutual_information", data)
     n = len(data)
     out = {}
     with eval_mode(*modules_of(guide)):
@@ -204,8 +204,8 @@ def kl_per_unit(model, guide, data, *args, num_samples: int = 16, **kwargs) -> d
     of ``data``. A site's units sum to its per-layer KL; the paper plots them sorted, on a
     log scale.
     """
-    check_pair("kl_per_unit", model=model, guide=guide)
-    check_data("kl_per_unit", data)
+    check_pair_args("kl_per_unit", model=model, guide=guide)
+    check_data_arg("kl_per_unit", data)
     with eval_mode(*modules_of(model, guide)):
         guide_trace, model_trace = _particle_traces(
             model, guide, (data, *args), kwargs, num_samples

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import device as placement
-from ._checks import check_data, check_pair
+from ._checks import check_data_arg, check_pair_args
 from ._memo import ReuseOutputs
 from ._traces import (
     check_guide_covers_model,
@@ -81,8 +81,8 @@ def evaluate(
     :returns: dict with ``log_likelihood``, ``elbo``, ``ess`` (each ``(N,)``), ``iwae``
         (``{k: (N,)}``), ``kl`` and ``cross_entropy`` (``{site: (N,)}``) and ``num_samples``.
     """
-    check_pair("evaluate", model=model, guide=guide)
-    check_data("evaluate", data, nonempty=False)  # emptiness: _check_options
+    check_pair_args("evaluate", model=model, guide=guide)
+    check_data_arg("evaluate", data, nonempty=False)  # emptiness: _check_options
     device = placement.resolve(device, model, guide, data)
     max_rows = placement.default_max_rows(device) if max_rows is None else max_rows
     _check_options(data, num_samples, iwae_k, batch_size, max_rows)

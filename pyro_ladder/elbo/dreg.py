@@ -29,8 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .surrogate import value_with_gradient
-from .weighted import MIWAE, PIWAE, _iwae
+from .weighted import MIWAE, PIWAE
 
 
 def dreg_coefficients(log_w: torch.Tensor, outer: int):
@@ -50,7 +49,8 @@ def check_shared(shared: str) -> str:
 
 class MIWAE_DReG(MIWAE):
     """MIWAE bound with doubly reparameterized gradients (``"miwae-dreg"``; see the module).
-    The loss value is MIWAE's; ``outer=1`` is ``iwae-dreg``, draw by draw.
+    The loss value is MIWAE's; ``outer=1`` is ``iwae-dreg``, draw by draw. Refuses pairs
+    that couple particles, as ``iwae-dreg`` does (:mod:`.coupling`).
 
     :param num_particles: ``K``, inner samples per bound.
     :param outer: ``M``, independent bounds averaged.
@@ -59,6 +59,9 @@ class MIWAE_DReG(MIWAE):
         shared ones included; ``"dreg"`` gives every parameter the DReG estimate. Both are
         unbiased (as for ``iwae-dreg``).
     """
+
+    needs_independent_particles = True
+    label = "miwae-dreg"
 
     def __init__(
         self, num_particles=1, outer=1, shared: str = "iwae", max_plate_nesting=float("inf")
@@ -69,14 +72,11 @@ class MIWAE_DReG(MIWAE):
     def coefficients(self, log_w):
         return dreg_coefficients(log_w, self.outer)
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def surrogate(self, draws, log_w):
         if self.shared == "dreg":
-            return super().differentiable_loss(model, guide, *args, **kwargs)
-        draws = self._draw(model, guide, args, kwargs)
-        log_w = draws.log_w.detach()  # (M K, B)
-        plain = (self._dF(log_w),) * 3
-        surrogate = self._split_surrogate(draws, self.coefficients(log_w), plain)
-        return value_with_gradient(-self.objective(log_w).sum(), surrogate)
+            return super().surrogate(draws, log_w)
+        plain = (self._dF(log_w),) * 3  # dMIWAE/dlog w
+        return self._split_surrogate(draws, self.coefficients(log_w), plain)
 
 
 class PIWAE_DReG(PIWAE):
@@ -84,12 +84,12 @@ class PIWAE_DReG(PIWAE):
     from the same ``M * K`` draws the parameters only the guide depends on get the
     ``miwae-dreg`` estimate, those the model's density depends on (shared ones included)
     the ``IWAE(M K)`` gradient. Unbiased for PIWAE's two gradients; the loss value is
-    ``IWAE(M K)``.
+    ``IWAE(M K)``. Refuses pairs that couple particles (:mod:`.coupling`).
     """
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        draws = self._draw(model, guide, args, kwargs)
-        log_w = draws.log_w.detach()  # (M K, B)
+    needs_independent_particles = True
+    label = "piwae-dreg"
+
+    def surrogate(self, draws, log_w):
         decoder = (log_w.softmax(0),) * 3  # dIWAE(MK)/dlog w
-        surrogate = self._split_surrogate(draws, dreg_coefficients(log_w, self.outer), decoder)
-        return value_with_gradient(-_iwae(log_w).sum(), surrogate)
+        return self._split_surrogate(draws, dreg_coefficients(log_w, self.outer), decoder)

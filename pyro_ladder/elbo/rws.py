@@ -43,7 +43,6 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .surrogate import value_with_gradient
 from .weighted import WeightedELBO, _iwae
 
 
@@ -70,22 +69,22 @@ class RWS(WeightedELBO):
         w_bar = log_w.softmax(0)  # (K, B)
         return w_bar, -w_bar, torch.zeros_like(w_bar)
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def surrogate(self, draws, log_w):
         if self.shared == "both":
-            return super().differentiable_loss(model, guide, *args, **kwargs)
-        draws = self._draw(model, guide, args, kwargs)
-        log_w = draws.log_w.detach()  # (K, B)
+            return super().surrogate(draws, log_w)
         zero = torch.zeros_like(log_w)
         wake_theta = (log_w.softmax(0), zero, zero)  # c_q is c_path: no guide pass
-        surrogate = self._split_surrogate(draws, self.coefficients(log_w), wake_theta)
-        return value_with_gradient(-self.objective(log_w).sum(), surrogate)
+        return self._split_surrogate(draws, self.coefficients(log_w), wake_theta)
 
 
 class RWS_DReG(RWS):
     """Reweighted wake-sleep with doubly reparameterized wake-phi (``"rws-dreg"``; see the
-    module). Needs reparameterized guide sites."""
+    module). Needs reparameterized guide sites and, as every DReG estimator, particles
+    that do not couple (:mod:`.coupling`)."""
 
     rsample = True
+    needs_independent_particles = True
+    label = "rws-dreg"
 
     def coefficients(self, log_w):
         w_bar = log_w.softmax(0)  # (K, B)

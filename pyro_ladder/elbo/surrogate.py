@@ -60,7 +60,7 @@ from pyro.infer import (
 )
 from pyro.infer.util import get_dependent_plate_dims, is_identically_zero, torch_sum
 
-from .._checks import check_estimator, check_pair
+from .._checks import check_estimator_arg, check_pair_args
 from .._memo import ReuseOutputs
 from ..errors import ConfigError
 
@@ -81,8 +81,8 @@ def differentiable_loss(elbo: ELBO, model, guide, *args, **kwargs) -> torch.Tens
 
     :raises ConfigError: for an estimator that has no differentiable form here.
     """
-    check_estimator("differentiable_loss", elbo)
-    check_pair("differentiable_loss", model=model, guide=guide)
+    check_estimator_arg("differentiable_loss", elbo)
+    check_pair_args("differentiable_loss", model=model, guide=guide)
     with ReuseOutputs(owner=elbo):  # one scope: the guide's outputs serve this call's model
         return _differentiable_loss(elbo, model, guide, *args, **kwargs)
 

@@ -39,7 +39,6 @@ import torch
 
 from .._traces import latent_sites, log_density
 from ..errors import ConfigError
-from .surrogate import value_with_gradient
 from .weighted import WeightedELBO, _iwae
 
 
@@ -61,6 +60,9 @@ class VIMCO(WeightedELBO):
     """
 
     rsample = False
+    # L_{-k} must not depend on z_k: particles coupled by batch norm would bias it
+    needs_independent_particles = True
+    label = "vimco"
 
     def __init__(self, num_particles: int = 2, max_plate_nesting=float("inf")):
         if num_particles < 2:
@@ -77,13 +79,13 @@ class VIMCO(WeightedELBO):
         """The score term's signal per (sample, data point), ``(K, B)``: ``L - L_{-k}``."""
         return _iwae(log_w) - leave_one_out_bounds(log_w)
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        draws = self._draw(model, guide, args, kwargs)
-        log_w = draws.log_w  # (K, B), pathwise through the reparameterized sites
-        fixed = log_w.detach()
-        surrogate = (fixed.softmax(0) * log_w).sum()
+    def surrogate(self, draws, log_w):
+        live = draws.log_w  # (K, B), pathwise through the reparameterized sites
+        surrogate = (log_w.softmax(0) * live).sum()
         scored = [n for n, s in latent_sites(draws.guide_trace) if not s["fn"].has_rsample]
-        if scored:
-            log_q = log_density(draws.guide_trace, draws.nesting, scaled=False, only=scored)
-            surrogate = surrogate + (self.learning_signal(fixed) * log_q).sum()
-        return value_with_gradient(-self.objective(fixed).sum(), -surrogate)
+        if scored:  # the sampling density: unscaled
+            log_q = log_density(
+                draws.guide_trace, draws.nesting, False, scored, draws.layout.joint
+            )  # (K, B)
+            surrogate = surrogate + (self.learning_signal(log_w) * log_q).sum()
+        return surrogate

@@ -77,7 +77,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 
-from .._checks import check_pair
+from .._checks import check_pair_args
 from .._traces import (
     WeightLayout,
     check_guide_covers_model,
@@ -322,7 +322,7 @@ class WeightedELBO(ScopedELBO, ELBO):
         return grad
 
     def _draw(self, model, guide, args, kwargs) -> _Draws:
-        check_pair(type(self).__name__, model=model, guide=guide)
+        check_pair_args(type(self).__name__, model=model, guide=guide)
         if self.max_plate_nesting == float("inf"):
             self.max_plate_nesting = max_plate_nesting(model, guide, args, kwargs)
         nesting = self.max_plate_nesting
