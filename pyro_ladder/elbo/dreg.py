@@ -26,19 +26,8 @@ References
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import ConfigError
-from .weighted import MIWAE, PIWAE
-
-
-def dreg_coefficients(log_w: torch.Tensor, outer: int):
-    """``(c_p, c_q, c_path)`` of the DReG estimator of the mean of ``outer`` IWAE bounds
-    over consecutive blocks of ``log_w`` ``(M K, B)``; each ``(M K, B)``, detached."""
-    grouped = log_w.detach().reshape(outer, -1, *log_w.shape[1:])  # (M, K, B)
-    w_bar = grouped.softmax(1).reshape(log_w.shape)  # (M K, B), normalized per bound
-    c = w_bar / outer
-    return c, torch.zeros_like(c), c * w_bar
+from .weighted import MIWAE, PIWAE, dreg_coefficients
 
 
 def check_shared(shared: str) -> str:
@@ -69,14 +58,15 @@ class MIWAE_DReG(MIWAE):
         self.shared = check_shared(shared)
         super().__init__(num_particles, outer, max_plate_nesting)
 
-    def coefficients(self, log_w):
-        return dreg_coefficients(log_w, self.outer)
+    def coefficients(self, log_w, beta=1.0):
+        return dreg_coefficients(log_w, self.outer, beta)
 
     def surrogate(self, draws, log_w):
+        coefficients = self.coefficients(log_w, draws.kl_weight())
         if self.shared == "dreg":
-            return super().surrogate(draws, log_w)
+            return self._surrogate(draws, *coefficients)
         plain = (self._dF(log_w),) * 3  # dMIWAE/dlog w
-        return self._split_surrogate(draws, self.coefficients(log_w), plain)
+        return self._split_surrogate(draws, coefficients, plain)
 
 
 class PIWAE_DReG(PIWAE):
@@ -92,4 +82,5 @@ class PIWAE_DReG(PIWAE):
 
     def surrogate(self, draws, log_w):
         decoder = (log_w.softmax(0),) * 3  # dIWAE(MK)/dlog w
-        return self._split_surrogate(draws, dreg_coefficients(log_w, self.outer), decoder)
+        encoder = dreg_coefficients(log_w, self.outer, draws.kl_weight())
+        return self._split_surrogate(draws, encoder, decoder)

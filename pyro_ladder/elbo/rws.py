@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .weighted import WeightedELBO, _iwae
+from .weighted import WeightedELBO, _is_one, _iwae
 
 
 class RWS(WeightedELBO):
@@ -86,6 +86,19 @@ class RWS_DReG(RWS):
     needs_independent_particles = True
     label = "rws-dreg"
 
-    def coefficients(self, log_w):
+    def coefficients(self, log_w, beta=1.0):
+        """``(w_bar, 0, beta (w_bar - w_bar^2))``: under a KL weight ``beta`` (warm-up)
+        wake-phi's score term is ``beta sum_k w_bar_k d log q|_z`` (the tempered guide
+        density), and the identity turns ``sum_k w_bar_k d log q|_z`` into the path term
+        with ``w_bar - w_bar^2``."""
         w_bar = log_w.softmax(0)  # (K, B)
-        return w_bar, torch.zeros_like(w_bar), w_bar - w_bar.square()
+        path = w_bar - w_bar.square()
+        return w_bar, torch.zeros_like(w_bar), path if _is_one(beta) else beta * path
+
+    def surrogate(self, draws, log_w):
+        coefficients = self.coefficients(log_w, draws.kl_weight())
+        if self.shared == "both":
+            return self._surrogate(draws, *coefficients)
+        zero = torch.zeros_like(log_w)
+        wake_theta = (log_w.softmax(0), zero, zero)
+        return self._split_surrogate(draws, coefficients, wake_theta)

@@ -131,6 +131,14 @@ class _Draws:
         """``(S, B)`` (``(S, 1)`` for a joint weight) log-density of a trace's sites."""
         return log_density(trace, self.nesting, True, only, self.layout.joint)
 
+    def kl_weight(self):
+        """``beta``: the one weight (own scale times scalar mask, e.g. a KL warm-up's) that
+        every latent guide site carries inside ``log w``; a float or a 0-dim tensor.
+
+        The DReG identities are taken for a guide density tempered as a whole; a weight
+        that differs between sites, or between the elements of one site, is refused."""
+        return common_kl_weight(self.guide_trace)
+
     def roles(self):
         """:func:`~pyro_ladder._traces.parameter_roles` of the pair, keyed by this pass's
         parameters."""
@@ -331,6 +339,70 @@ class WeightedELBO(ScopedELBO, ELBO):
         return _Draws(model, guide, args, kwargs, particles, nesting, name, self.rsample)
 
 
+def dreg_coefficients(log_w: torch.Tensor, outer: int, beta=1.0):
+    r"""``(c_p, c_q, c_path)`` of the DReG estimator of the mean of ``outer`` IWAE bounds
+    over consecutive blocks of ``log_w`` ``(M K, B)``; each ``(M K, B)``, detached.
+
+    ``beta`` is the KL weight every latent guide site carries inside ``log w`` (a warm-up:
+    ``log w = log p(x | z) + beta (log p(z) - log q(z | x))``). The guide's direct term is
+    then ``-beta sum_s c_s d log q|_z`` and the identity turns it into
+    ``-beta sum_s (c_s - c_s w_bar_s) d_z log w_s . d z_s``, so
+    ``c_path = c ((1 - beta) + beta w_bar)``: ``c w_bar`` at ``beta = 1``, the plain path
+    term ``c`` at ``beta = 0`` (no guide density in the weight)."""
+    grouped = log_w.detach().reshape(outer, -1, *log_w.shape[1:])  # (M, K, B)
+    w_bar = grouped.softmax(1).reshape(log_w.shape)  # (M K, B), normalized per bound
+    c = w_bar / outer
+    path = c * w_bar if _is_one(beta) else c * ((1 - beta) + beta * w_bar)
+    return c, torch.zeros_like(c), path
+
+
+def _is_one(beta) -> bool:
+    return not isinstance(beta, torch.Tensor) and beta == 1
+
+
+def common_kl_weight(guide_trace):
+    """The KL weight shared by every latent site of a guide trace (see
+    :meth:`_Draws.kl_weight`)."""
+    weights = {}
+    for name, site in latent_sites(guide_trace):
+        mask, beta = site["mask"], own_scale(site)
+        if isinstance(beta, torch.Tensor) and beta.numel() != 1:
+            beta = None
+        if mask is False:
+            beta = 0.0
+        elif isinstance(mask, torch.Tensor):
+            beta = None if mask.numel() != 1 or beta is None else beta * mask.to(log_dtype(site))
+        if beta is None:
+            raise ConfigError(
+                f"guide site {name!r} carries a scale or mask that varies between its "
+                "elements: the doubly reparameterized estimators need one KL weight per "
+                "site (a KL warm-up's beta); use 'iwae' or 'miwae' for such a pair"
+            )
+        weights[name] = beta
+    values = list(weights.values())
+    if any(not _same_weight(values[0], v) for v in values[1:]):
+        raise ConfigError(
+            "the doubly reparameterized estimators need one KL weight for every latent "
+            f"guide site, got {_describe(weights)}: warm all layers up together (LatentWeight "
+            "around the whole model and guide), or use 'iwae' / 'miwae'"
+        )
+    return values[0] if values else 1.0
+
+
+def log_dtype(site):
+    return site["value"].dtype if site["value"].is_floating_point() else torch.get_default_dtype()
+
+
+def _same_weight(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return bool(torch.as_tensor(a) == torch.as_tensor(b))
+    return a == b
+
+
+def _describe(weights) -> str:
+    return ", ".join(f"{n}: {float(w):g}" for n, w in weights.items())
+
+
 class _GivenGradients(torch.autograd.Function):
     """A zero scalar whose backward gives each of ``params`` its entry of ``grads`` (times
     the incoming gradient): ``sum_p <g_p, p>``'s gradient at the cost of handing it over."""
@@ -396,15 +468,17 @@ class IWAE_DReG(WeightedELBO):
     def objective(self, log_w):
         return _iwae(log_w)
 
-    def coefficients(self, log_w):
-        w_bar = log_w.softmax(0)  # (S, B) normalized weights
-        return w_bar, torch.zeros_like(w_bar), w_bar.square()
+    def coefficients(self, log_w, beta=1.0):
+        """``(w_bar, 0, w_bar ((1 - beta) + beta w_bar))``; ``beta``: the guide's KL weight
+        (:meth:`_Draws.kl_weight`), 1 without warm-up (the module's derivation)."""
+        return dreg_coefficients(log_w, 1, beta)
 
     def surrogate(self, draws, log_w):
+        coefficients = self.coefficients(log_w, draws.kl_weight())
         if self.shared == "dreg":
-            return super().surrogate(draws, log_w)
+            return self._surrogate(draws, *coefficients)
         w_bar = log_w.softmax(0)
-        return self._split_surrogate(draws, self.coefficients(log_w), (w_bar,) * 3)
+        return self._split_surrogate(draws, coefficients, (w_bar,) * 3)
 
 
 class STL(WeightedELBO):
