@@ -38,20 +38,29 @@ def eval_mode(*modules: nn.Module):
 
 
 @contextlib.contextmanager
-def preserved_state(*fns):
-    """Inside the block, anything goes; after it, the random state (torch, Python, NumPy)
-    and the buffers of the modules behind ``fns`` (batch-norm running statistics) are as
-    they were before. Modules are found as :func:`modules_of` finds them (bound methods
-    such as ``vae.model``); a pair of plain functions keeps its own buffers."""
-    rng = pyro.util.get_rng_state()
+def kept_buffers(*fns):
+    """After the block, the buffers of the modules behind ``fns`` (batch-norm running
+    statistics) are as they were before it, written back in place (no graph built inside
+    the block may be used after it). Modules are found as :func:`modules_of` finds them
+    (bound methods such as ``vae.model``); a pair of plain functions keeps its own."""
     buffers = [(b, b.detach().clone()) for m in modules_of(*fns) for b in m.buffers()]
     try:
         yield
     finally:
-        pyro.util.set_rng_state(rng)
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
+
+
+@contextlib.contextmanager
+def preserved_state(*fns):
+    """:func:`kept_buffers`, and the random state (torch, Python, NumPy) as it was."""
+    rng = pyro.util.get_rng_state()
+    try:
+        with kept_buffers(*fns):
+            yield
+    finally:
+        pyro.util.set_rng_state(rng)
 
 
 @contextlib.contextmanager

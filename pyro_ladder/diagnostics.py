@@ -17,7 +17,7 @@ from ._traces import (
     particle_traces,
     site_kl,
 )
-from ._util import eval_mode, modules_of
+from ._util import eval_mode, kept_buffers, modules_of
 from .errors import ConfigError
 from .evaluate import evaluate
 
@@ -34,7 +34,9 @@ def gradient_snr(model, guide, elbo, data, *args, num_draws: int = 64, **kwargs)
     the guide depends on, ``"model"`` every parameter the model's density depends on,
     those the guide depends on too included, and ``"shared"`` those shared ones alone
     (empty for a guide with its own networks).
-    Leaves the parameters' ``.grad`` cleared.
+    Leaves the parameters' ``.grad`` cleared and the model as it found it: the draws run
+    in training mode, but the batch-norm statistics they move are put back afterwards
+    (modules behind bound methods such as ``vae.model``).
 
     :returns: ``{"guide": {...}, "model": {...}, "shared": {...}, "num_draws": n}``.
     """
@@ -51,12 +53,13 @@ def gradient_snr(model, guide, elbo, data, *args, num_draws: int = 64, **kwargs)
     }
     everything = groups["guide"] + groups["model"]
     draws = {name: [] for name in groups}
-    for _ in range(num_draws):
-        for p in everything:
-            p.grad = None
-        elbo.loss_and_grads(model, guide, data, *args, **kwargs)
-        for name, params in groups.items():
-            draws[name].append(_flat_grad(params, data))
+    with kept_buffers(model, guide):
+        for _ in range(num_draws):
+            for p in everything:
+                p.grad = None
+            elbo.loss_and_grads(model, guide, data, *args, **kwargs)
+            for name, params in groups.items():
+                draws[name].append(_flat_grad(params, data))
     for p in everything:
         p.grad = None
     out = {name: _summarize(torch.stack(d)) for name, d in draws.items()}
