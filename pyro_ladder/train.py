@@ -446,3 +446,5 @@ def check_fit_options(
         raise ConfigError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(f"seed must be an integer or None, got {seed!r}")
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32 - 1] (numpy's range), got {seed}")

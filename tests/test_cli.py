@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pyro_ladder.cli import main
 
@@ -88,6 +89,9 @@ def test_train_on_digits_writes_every_output(tmp_path, capsys):
         assert name.endswith(".json") or f"({name})" in report  # the summary shows each picture
     facts = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert set(facts["active_units"]) == {"z1", "z2"} and facts["num_test"] == 360
+    assert facts["seed"] == 0 and facts["notes"] == []
+    # report: its first 1000 rows are all 360, at K = 20: the run's own numbers again
+    assert facts["test_log_likelihood"] == metrics["test_log_likelihood"]
 
     status, out, _ = _run(
         ["evaluate", str(run / "checkpoint.pt"), "--num-samples", "20", "--no-progress"], capsys
@@ -95,8 +99,17 @@ def test_train_on_digits_writes_every_output(tmp_path, capsys):
     assert status == 0
     again = json.loads(out)
     assert again["num_test"] == metrics["num_test"]
-    # same model, same test set, new draws: close to the stored estimate
-    assert abs(again["test_log_likelihood"] - metrics["test_log_likelihood"]) < 0.5
+    # one evaluation protocol: at the run's K and seed, evaluate gives metrics.json exactly,
+    # although training left the random state elsewhere
+    keys = ("test_log_likelihood", "test_elbo", "test_iwae", "test_ess", "kl_per_layer")
+    assert {k: again[k] for k in keys} == {k: metrics[k] for k in keys}
+    status, out, _ = _run(
+        ["evaluate", str(run / "checkpoint.pt"), "--num-samples", "20", "--no-progress",
+         "--seed", "1"], capsys,
+    )  # fmt: skip
+    other = json.loads(out)["test_log_likelihood"]
+    assert other != metrics["test_log_likelihood"]
+    assert abs(other - metrics["test_log_likelihood"]) < 0.5  # new draws, the same model
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
@@ -224,3 +237,58 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path):
         [sys.executable, "-m", "pyro_ladder", "train", "--help"], capture_output=True, text=True
     )
     assert help_.returncode == 0 and "nats" in help_.stdout
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--seed", "-1"], "seeds are integers in [0, 2**32 - 1]"),
+        (["--seed", "4294967296"], "seeds are integers in [0, 2**32 - 1]"),
+        (["--batch-size", "1"], "batch norm in training mode needs at least 2 rows per batch"),
+        (["--device", "gpu"], "--device 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
+        pytest.param(["--device", "cuda"], "--device cuda: torch sees no CUDA GPU", marks=NO_GPU),
+        pytest.param(["--device", "cuda:1"], "--device cuda:1: torch sees no", marks=NO_GPU),
+    ],
+)
+def test_inputs_refused_before_anything_is_written(tmp_path, capsys, extra, fragment):
+    out = tmp_path / "r"
+    out.mkdir()  # an empty folder stays empty
+    status, _, err = _run(["train", *FAST, *extra, "--out", str(out)], capsys)
+    _assert_clean_error(status, err, fragment)
+    assert list(out.iterdir()) == []
+
+
+@NO_GPU
+@pytest.mark.parametrize("command", ["evaluate", "report", "sample"])
+def test_the_other_commands_refuse_a_gpu_this_machine_lacks(tmp_path, capsys, command):
+    argv = [command, str(tmp_path / "checkpoint.pt"), "--device", "cuda"]
+    argv += [] if command == "evaluate" else ["--out", str(tmp_path / "out")]
+    status, _, err = _run(argv, capsys)
+    _assert_clean_error(status, err, "--device cuda: torch sees no CUDA GPU")
+    assert list(tmp_path.iterdir()) == []  # refused before the checkpoint is even looked for
+
+
+def test_a_ragged_last_batch_of_one_row_is_dropped_not_fed_to_batch_norm(tmp_path, capsys):
+    # digits: 1437 = 2 x 718 + 1, so each epoch ends with one row; fit drops it
+    argv = ["train", *FAST, "--epochs", "1", "--batch-size", "718", "--out", str(tmp_path / "r")]
+    status, _, err = _run(argv, capsys)
+    assert status == 0, err
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["batch_size"] == 718
+
+
+def test_a_warm_up_longer_than_training_is_warned_about_and_recorded(tmp_path, capsys):
+    argv = ["train", *FAST, "--warmup-epochs", "5", "--out", str(tmp_path / "r")]
+    status, _, err = _run(argv, capsys)
+    assert status == 0
+    assert err.startswith("pyro-ladder: warning: --warmup-epochs 5 is not shorter than --epochs 2")
+    assert "trains only on a down-weighted objective" in err
+    (note,) = json.loads((tmp_path / "r" / "metrics.json").read_text())["notes"]
+    assert "KL weight ends at 0.20" in note
+    rep = tmp_path / "rep"
+    argv = ["report", str(tmp_path / "r" / "checkpoint.pt"), "--out", str(rep)]
+    assert _run([*argv, "--num-samples", "5", "--no-progress"], capsys)[0] == 0
+    assert json.loads((rep / "report.json").read_text())["notes"] == [note]
+    assert f"**Warning:** {note}" in (rep / "report.md").read_text()

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pyro
 import pytest
@@ -221,3 +222,51 @@ def test_the_probe_leaves_statistics_and_random_state_alone():
     assert max_plate_nesting(vae.model, vae.guide, (x,), {}) == 1
     assert torch.equal(torch.get_rng_state(), state)
     assert _same_weights(vae.state_dict(), before)
+
+
+def _as_if_saved_on_a_gpu(path):
+    """Rewrite the checkpoint at ``path`` so that every tensor claims to live on cuda:0, as
+    torch.save records a GPU tensor (the bytes are the same; only the location tag moves)."""
+    payload = torch.load(path, weights_only=True)
+    with mock.patch.object(torch.serialization, "location_tag", lambda storage: "cuda:0"):
+        torch.save(payload, path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="simulates a GPU on a machine without one")
+def test_a_checkpoint_saved_on_a_gpu_evaluates_and_resumes_on_a_cpu(tmp_path, capsys):
+    assert main([*TRAIN, "--epochs", "2", "--out", str(tmp_path / "whole")]) == 0
+    run = tmp_path / "gpu"
+    assert main([*TRAIN, "--epochs", "1", "--out", str(run)]) == 0
+    _as_if_saved_on_a_gpu(run / "checkpoint.pt")
+    with pytest.raises(RuntimeError, match="CUDA"):  # the simulation is real: torch refuses it
+        torch.load(run / "checkpoint.pt", weights_only=True)
+    vae, _ = load_checkpoint(run / "checkpoint.pt")
+    assert {p.device.type for p in vae.state_dict().values()} == {"cpu"}
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "evaluate",
+                str(run / "checkpoint.pt"),
+                "--num-samples",
+                "10",
+                "--eval-limit",
+                "40",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    shown = json.loads(capsys.readouterr().out)
+    assert (
+        shown["test_log_likelihood"]
+        == json.loads((run / "metrics.json").read_text())["test_log_likelihood"]
+    )
+    resumed = ["train", "--resume", str(run), "--epochs", "2", "--device", "cpu", "--no-progress"]
+    assert main(resumed) == 0
+    assert _metrics(run) == _metrics(tmp_path / "whole")
+    a = torch.load(run / "checkpoint.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["state_dict"]
+    assert _same_weights(a, b)

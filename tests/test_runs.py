@@ -61,8 +61,24 @@ def test_a_spec_is_frozen_and_refuses_unknown_fields_and_devices():
         RunSpec().epochs = 3
     with pytest.raises(TypeError, match="epoch"):
         RunSpec(epoch=3)
-    with pytest.raises(ConfigError, match="not supported yet"):
-        RunSpec(device="cuda")
+    with pytest.raises(ConfigError, match="'gpu' is not a device: use auto, cpu, cuda or cuda:N"):
+        RunSpec(device="gpu")
+    for seed in (-1, 2**32):
+        with pytest.raises(ConfigError, match=rf"argument `seed` {seed} is outside \[0, 2\*\*32"):
+            RunSpec(seed=seed)
+    assert RunSpec(seed=2**32 - 1, device="cuda:3").seed == 2**32 - 1  # spelling only
+    with pytest.raises(ConfigError, match="batch norm in training mode needs at least 2 rows"):
+        RunSpec(batch_size=1)
+    assert RunSpec(batch_size=1, batch_norm=False).batch_size == 1
+
+
+def test_a_warm_up_that_never_ends_is_noted():
+    assert RunSpec(epochs=3, warmup_epochs=2).resolved("grey").notes() == []
+    assert RunSpec(epochs=3, warmup_epochs=0).resolved("grey").notes() == []
+    (note,) = RunSpec(epochs=2, warmup_epochs=2).resolved("grey").notes()
+    assert "KL weight ends at 0.50, not 1" in note  # epochs 0 and 1: beta 0 and 1/2
+    (note,) = RunSpec(epochs=2, warmup_epochs=5).resolved("grey").notes()
+    assert "ends at 0.20" in note and "down-weighted objective" in note
 
 
 def test_grey_test_images_are_binarized_once_with_seed_0():
@@ -92,6 +108,7 @@ def test_history_round_trip_with_a_key_some_epochs_lack(tmp_path):
 def test_library_arguments_become_flags_on_the_command_line():
     message = "use argument `batch_size` or argument `lr`; keep `lr` as is"
     assert as_flags(message) == "use --batch-size or --lr; keep `lr` as is"
+    assert as_flags("or argument `batch_norm` False") == "or --no-batch-norm"
 
 
 def test_python_runs_refuse_a_folder_that_holds_a_run(tmp_path):

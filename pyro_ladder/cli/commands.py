@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 from pathlib import Path
 
 import pyro
@@ -15,16 +16,27 @@ from ..data import load_dataset
 from ..errors import ConfigError
 from ..plots import save_figure
 from ..runs import RunSpec, evaluate_run, folder, resume, summary, train
-from ..runs.report import load_run, write_report
+from ..runs.device import resolve_device
+from ..runs.report import load_run, run_seed, write_report
 
 
 def as_flags(message: str) -> str:
-    """The library names arguments as ``argument `batch_size```; here they are flags."""
-    return re.sub(r"argument `(\w+)`", lambda m: "--" + m[1].replace("_", "-"), message)
+    """The library names arguments as ``argument `batch_size```; here they are flags
+    (``argument `batch_norm` False`` is ``--no-batch-norm``)."""
+    message = re.sub(r"argument `(\w+)` False", lambda m: "--no-" + _dashed(m[1]), message)
+    return re.sub(r"argument `(\w+)`", lambda m: "--" + _dashed(m[1]), message)
+
+
+def _dashed(name: str) -> str:
+    return name.replace("_", "-")
 
 
 def say(line: str) -> None:
     print(as_flags(line))
+
+
+def warn(line: str) -> None:
+    print(f"pyro-ladder: warning: {as_flags(line)}", file=sys.stderr)
 
 
 def spec_of(args) -> RunSpec:
@@ -37,10 +49,10 @@ def cmd_train(args) -> int:
     spec = spec_of(args)
     if args.resume is not None:
         out = args.resume
-        metrics = resume(out, spec, echo=say)
+        metrics = resume(out, spec, echo=say, warn=warn)
     else:
         out = args.out or folder.default_out(spec.dataset, spec.inference)
-        metrics = train(spec, out, overwrite=args.overwrite, echo=say)
+        metrics = train(spec, out, overwrite=args.overwrite, echo=say, warn=warn)
     if metrics is not None:  # None: a Lightning process other than global rank 0
         _print_result(metrics, out)
     return 0
@@ -61,9 +73,11 @@ def _print_result(metrics: dict, out: Path) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    device = resolve_device(args.device)
     vae, meta, _, test = load_run(args.checkpoint, args.data_dir, args.eval_limit)
-    pyro.set_rng_seed(args.seed)
-    result = summary(evaluate_run(vae, test, args.num_samples, args.progress))
+    seed = run_seed(meta) if args.seed is None else args.seed
+    vae, test = vae.to(device), test.to(device)
+    result = summary(evaluate_run(vae, test, args.num_samples, seed, args.progress))
     head = {"checkpoint": str(args.checkpoint), "dataset": meta["dataset"], "num_test": len(test)}
     print(json.dumps({**head, **result}, indent=2))
     return 0
@@ -72,14 +86,16 @@ def cmd_evaluate(args) -> int:
 def cmd_report(args) -> int:
     report = write_report(
         args.checkpoint, args.out, num_samples=args.num_samples, limit=args.eval_limit,
-        data_dir=args.data_dir, seed=args.seed, progress=args.progress,
+        data_dir=args.data_dir, seed=args.seed, progress=args.progress, device=args.device,
     )  # fmt: skip
     print(f"wrote {args.out}/report.md with {len(report['figures'])} figures")
     return 0
 
 
 def cmd_sample(args) -> int:
+    device = resolve_device(args.device)
     vae, meta = load_checkpoint(args.checkpoint)
+    vae = vae.to(device)
     shape = meta.get("image_shape")
     if shape is None:  # 0.1.0 runs saved before the shape was recorded; shim ends in 0.2.0
         if "dataset" not in meta:

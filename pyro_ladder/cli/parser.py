@@ -17,6 +17,8 @@ from ..data import DATASETS
 from ..elbo import ESTIMATORS, describe_estimators
 from ..likelihoods import LIKELIHOODS
 from ..runs import RunSpec
+from ..runs.device import DEVICE_NAMES
+from ..runs.spec import SEEDS
 
 _DEFAULT = RunSpec()
 
@@ -130,7 +132,10 @@ def _add_train(sub):
         default=None,
         help="evaluate on the first N test images only (default: all)",
     )
-    p.add_argument("--seed", type=int, default=_DEFAULT.seed)
+    p.add_argument(
+        "--seed", type=_seed, default=_DEFAULT.seed, help="seeds the weights and training (0)"
+    )
+    _add_device(p)
     p.add_argument(
         "--out",
         type=Path,
@@ -214,7 +219,8 @@ def _add_evaluate(sub):
         help="evaluate on the first N test images only (default: all)",
     )
     _add_data_dir(p)
-    p.add_argument("--seed", type=int, default=0)
+    _add_evaluation_seed(p)
+    _add_device(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -236,7 +242,8 @@ def _add_report(sub):
         help="test images used (default: the first 1000)",
     )
     _add_data_dir(p)
-    p.add_argument("--seed", type=int, default=0)
+    _add_evaluation_seed(p)
+    _add_device(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -264,8 +271,28 @@ def _add_sample(sub):
         help="the classes to draw, e.g. 0,3,7 (default: every class)",
     )
     _add_data_dir(p)  # only for 0.1.0 runs saved without their image shape (until 0.2.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seeds the draws (default 0)")
+    _add_device(p)
     return p
+
+
+def _add_evaluation_seed(p):
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        default=None,
+        help="seeds the importance samples (default: the run's own seed, with which its "
+        "metrics.json was computed: at the run's K this reproduces them)",
+    )
+
+
+def _add_device(p):
+    p.add_argument(
+        "--device",
+        type=str,
+        default=_DEFAULT.device,
+        help=f"where to compute: {DEVICE_NAMES} (default auto: a GPU when torch sees one)",
+    )
 
 
 def _add_data_dir(p):
@@ -301,6 +328,18 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not SEEDS[0] <= value <= SEEDS[1]:
+        raise argparse.ArgumentTypeError(
+            f"seeds are integers in [0, 2**32 - 1] (torch, numpy and Python share them), got {text}"
+        )
     return value
 
 

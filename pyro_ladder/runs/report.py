@@ -16,6 +16,8 @@ from ..diagnostics import active_units, kl_per_unit, mutual_information
 from ..errors import ConfigError
 from ..plots import kl_per_unit_figure, pca_figure, save_figure
 from . import folder
+from .device import resolve_device
+from .spec import RESUMABLE, from_options
 from .testset import test_set
 from .training import evaluate_run, summary
 
@@ -32,18 +34,36 @@ def load_run(checkpoint: Path, data_dir: Path | None = None, limit: int | None =
     return vae, meta, data, test
 
 
+def run_seed(meta: dict) -> int:
+    """The seed a saved run trained and was evaluated with (0 for runs that lack one)."""
+    seed = meta.get("seed")
+    return seed if isinstance(seed, int) else 0
+
+
+def run_notes(meta: dict) -> list[str]:
+    """The warnings of the saved run's spec (:meth:`RunSpec.notes`); none when the
+    checkpoint does not record the run's options."""
+    options = meta.get("options")
+    if not isinstance(options, dict) or set(options) != set(RESUMABLE):
+        return []
+    return from_options(options).notes()
+
+
 def write_report(checkpoint: Path, out: Path, *, num_samples=1000, limit=1000, data_dir=None,
-                 seed=0, progress=True) -> dict:  # fmt: skip
-    """Evaluate the run saved in ``checkpoint`` on ``limit`` test images, write
-    ``report.json``, ``report.md`` and its figures into ``out``; returns the report."""
+                 seed=None, progress=True, device="auto") -> dict:  # fmt: skip
+    """Evaluate the run saved in ``checkpoint`` on ``limit`` test images on ``device``,
+    write ``report.json``, ``report.md`` and its figures into ``out``; returns the report.
+    ``seed`` None: the run's own, as :func:`~pyro_ladder.runs.evaluate_run` uses it."""
+    where = resolve_device(device)
     vae, meta, data, test = load_run(checkpoint, data_dir, limit)
+    vae, test = vae.to(where), test.to(where)
     labels = None if data.test_labels is None else data.test_labels[: len(test)]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"cannot create argument `out` {out}: {err.strerror}") from None
-    pyro.set_rng_seed(seed)
-    report = summary(evaluate_run(vae, test, num_samples, progress))
+    seed = run_seed(meta) if seed is None else seed
+    report = summary(evaluate_run(vae, test, num_samples, seed, progress))
     units = active_units(vae.model, vae.guide, test)
     report["active_units"] = {k: v["active"] for k, v in units.items()}
     report["units"] = {k: v["units"] for k, v in units.items()}
@@ -56,6 +76,8 @@ def write_report(checkpoint: Path, out: Path, *, num_samples=1000, limit=1000, d
         "dataset": meta["dataset"],
         "num_test": len(test),
         "condition": meta.get("condition"),
+        "seed": seed,
+        "notes": run_notes(meta),
         **report,
         "config": vae.config.to_dict(),
     }
@@ -71,7 +93,9 @@ def _figures(out, vae, test, labels, image_shape, units, kl_units, history) -> l
     with torch.no_grad(), eval_mode(vae):
         trace = pyro.poutine.trace(vae.guide).get_trace(test)
     # spatial latents (N, C, h, w) as (N, C * h * w): PCA sees every unit of a layer
-    latents = {f"z{i}": trace.nodes[f"z{i}"]["value"].flatten(1) for i in range(1, vae.depth + 1)}
+    latents = {
+        f"z{i}": trace.nodes[f"z{i}"]["value"].flatten(1).cpu() for i in range(1, vae.depth + 1)
+    }
     title = f"{vae.config.inference} posterior samples, PCA per layer"
     save_figure(pca_figure(latents, labels, title), out / "pca.png")
     names = ["samples.png", "reconstructions.png", "kl_per_unit.png", "pca.png"]
@@ -105,6 +129,7 @@ def markdown(report: dict, figures: list) -> str:
         f"I(x; z) uses the aggregate posterior over {seen} images, so "
         f"it cannot exceed log N = {math.log(seen):.2f} nats.",
         "",
+        *[f"**Warning:** {note}\n" for note in report.get("notes", [])],
         "| layer | KL (nats) | active units | I(x; z) (nats) |",
         "|---|---|---|---|",
         *rows,

@@ -10,6 +10,10 @@ from pathlib import Path
 from ..config import LadderConfig, preset
 from ..conv import CONV_PRESETS, ConvLadderConfig, conv_preset
 from ..errors import ConfigError
+from .device import check_device_name
+
+SEEDS = (0, 2**32 - 1)
+"""The seeds a run accepts (those of ``pyro.set_rng_seed``, numpy's range)."""
 
 DATASETS_WITH_LABELS = ("digits", "mnist", "fashion-mnist")
 """Data sets whose class labels a conditional run (``condition="label"``) can use."""
@@ -73,11 +77,23 @@ class RunSpec:
     strategy: str | None = None  # None: ddp with more than one process
     accelerator: str | None = None  # Lightning's accelerator; None: one process, no Lightning
     sync_batchnorm: bool = False  # batch-norm statistics over every process's batch
-    device: str = "cpu"  # where the one-process loop runs; only "cpu" for now
+    device: str = "auto"  # auto (a GPU when there is one), cpu, cuda or cuda:N
 
     def __post_init__(self):
-        if self.device != "cpu":
-            raise ConfigError(f"device {self.device!r} is not supported yet: use 'cpu'")
+        check_device_name(self.device)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"argument `seed` must be an integer, got {self.seed!r}")
+        if not SEEDS[0] <= self.seed <= SEEDS[1]:
+            raise ConfigError(
+                f"argument `seed` {self.seed} is outside [0, 2**32 - 1] (the seeds torch, "
+                "numpy and Python share): choose a seed in that range"
+            )
+        if self.batch_size == 1 and self.batch_norm:
+            raise ConfigError(
+                "argument `batch_size` 1 with batch norm: batch norm in training mode needs "
+                "at least 2 rows per batch; use a larger batch or turn batch norm off "
+                "(argument `batch_norm` False)"
+            )
 
     @property
     def distributed(self) -> bool:
@@ -107,6 +123,19 @@ class RunSpec:
             epochs=epochs,
             warmup_epochs=epochs // 10 if self.warmup_epochs is None else self.warmup_epochs,
         )
+
+    def notes(self) -> list[str]:
+        """Warnings about a resolved spec that trains but not as a user would expect (a
+        run's metrics and report record them)."""
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            last = (self.epochs - 1) / self.warmup_epochs
+            return [
+                f"argument `warmup_epochs` {self.warmup_epochs} is not shorter than argument "
+                f"`epochs` {self.epochs}: the run trains only on a down-weighted objective "
+                f"(the KL weight ends at {last:.2f}, not 1), so its test numbers are not "
+                "those of a trained model; train longer or warm up for fewer epochs"
+            ]
+        return []
 
     def options(self) -> dict:
         """The resumable fields as plain data, as a checkpoint stores them."""

@@ -29,6 +29,7 @@ from ..evaluate import evaluate
 from ..train import check_fit_options, check_free_bits, fit
 from ..vae import LadderVAE
 from . import folder
+from .device import accelerator_of, resolve_device
 from .spec import DATASETS_WITH_LABELS, RESUMABLE, RunSpec, from_options, is_conv
 from .testset import dynamic_binarization, test_set, with_labels
 
@@ -40,36 +41,46 @@ def _quiet(line: str) -> None:
     logging.getLogger(__name__).info(line)
 
 
-def train(spec: RunSpec, out: Path | None = None, *, overwrite=False, echo=_quiet):
+def _warn(line: str) -> None:
+    logging.getLogger(__name__).warning(line)
+
+
+def train(spec: RunSpec, out: Path | None = None, *, overwrite=False, echo=_quiet, warn=_warn):
     """Train the run ``spec`` describes, evaluate it and write its folder ``out``.
 
     Every check runs before anything is written. ``echo`` receives progress lines (the
-    CLI passes ``print``). Returns the metrics (as ``metrics.json`` holds them), or None on
-    a Lightning process other than global rank 0.
+    CLI passes ``print``), ``warn`` the warnings of :meth:`RunSpec.notes` (which
+    ``metrics.json`` also records). Returns the metrics (as ``metrics.json`` holds them),
+    or None on a Lightning process other than global rank 0.
     """
     if spec.distributed and spec.checkpoint_every is not None:
         raise ConfigError(_ONE_PROCESS)
+    device = resolve_device(spec.device)
     data = load_dataset(spec.dataset, spec.data_dir)
     spec = spec.resolved(data.kind)
     vae = build_model(spec, data)
     test = checked_test_set(spec, vae, data)
     out = out if out is not None else folder.default_out(spec.dataset, spec.inference)
     if spec.distributed:
-        return _train_distributed(spec, vae, data, test, out, overwrite, echo)
+        return _train_distributed(spec, vae, data, test, out, overwrite, echo, warn)
     folder.prepare_out(out, overwrite)
-    return _train_one(spec, vae, data, test, _meta(spec, data), out, None, echo)
+    for note in spec.notes():
+        warn(note)
+    return _train_one(spec, vae.to(device), data, test, _meta(spec, data), out, None, echo)
 
 
-def resume(out: Path, given: RunSpec | None = None, *, echo=_quiet) -> dict:
+def resume(out: Path, given: RunSpec | None = None, *, echo=_quiet, warn=_warn) -> dict:
     """Continue the run in folder ``out`` from its checkpoint with its own options.
 
     ``given`` may only change ``epochs`` (to train longer) and the fields a checkpoint
-    does not store (``data_dir``, ``progress``, ``tensorboard``); a stored field set to
-    another value than its default and the run's own is refused.
+    does not store (``data_dir``, ``progress``, ``tensorboard``, ``device``); a stored
+    field set to another value than its default and the run's own is refused. The run
+    may continue on another device than it started on.
     """
     given = given or RunSpec()
     if given.distributed:
         raise ConfigError(_ONE_PROCESS)
+    device = resolve_device(given.device)
     vae, meta, training = load_training_checkpoint(out / "checkpoint.pt")
     spec = _resumed_spec(out, meta.get("options"), given)
     done = training["position"]["epoch"]
@@ -83,7 +94,9 @@ def resume(out: Path, given: RunSpec | None = None, *, echo=_quiet) -> dict:
     test = checked_test_set(spec, vae, data)
     meta = {**meta, "epochs": spec.epochs, "options": spec.options()}
     echo(f"resuming {out} at epoch {done + 1}, step {training['position']['step'] + 1}")
-    return _train_one(spec, vae, data, test, meta, out, training, echo)
+    for note in spec.notes():
+        warn(note)
+    return _train_one(spec, vae.to(device), data, test, meta, out, training, echo)
 
 
 def _resumed_spec(out: Path, stored, given: RunSpec) -> RunSpec:
@@ -102,7 +115,7 @@ def _resumed_spec(out: Path, stored, given: RunSpec) -> RunSpec:
                 f"{value} differs from the run's {stored[key]}: drop the option (only "
                 "argument `epochs` may change, to train longer)"
             )
-    kept = {k: getattr(given, k) for k in ("data_dir", "progress", "tensorboard")}
+    kept = {k: getattr(given, k) for k in ("data_dir", "progress", "tensorboard", "device")}
     return run.replace(epochs=given.epochs or run.epochs, **kept)
 
 
@@ -176,9 +189,12 @@ def _train_one(spec, vae, data, test, meta, out, training, echo) -> dict:
         f"({len(data.train)} images) for {spec.epochs} epochs -> {out}"
     )
     saver = _Saver(out / "checkpoint.pt", vae, meta)
+    device = _device_of(vae)
+    rows = with_labels(data.train, data.train_labels, vae.condition_dim).to(device)
+    test = test.to(device)
     try:
         history = fit(
-            vae.model, vae.guide, with_labels(data.train, data.train_labels, vae.condition_dim),
+            vae.model, vae.guide, rows,
             elbo=spec.elbo, num_particles=spec.particles, epochs=spec.epochs,
             batch_size=spec.batch_size, lr=spec.lr, warmup_epochs=spec.warmup_epochs,
             seed=spec.seed, binarize=dynamic_binarization(data.kind, spec.likelihood),
@@ -212,7 +228,11 @@ class _Saver:
         )
 
 
-def _train_distributed(spec, vae, data, test, out, overwrite, echo) -> dict | None:
+def _device_of(vae) -> torch.device:
+    return next(vae.parameters()).device
+
+
+def _train_distributed(spec, vae, data, test, out, overwrite, echo, warn) -> dict | None:
     """Lightning on ``devices`` x ``num_nodes`` processes. Lightning's ddp starts the other
     processes of a machine by running the same command again, so every process runs this:
     each builds the same model (DDP then copies rank 0's weights to all); global rank 0
@@ -225,7 +245,8 @@ def _train_distributed(spec, vae, data, test, out, overwrite, echo) -> dict | No
     trainer = make_trainer(
         devices=spec.devices, num_nodes=spec.num_nodes,
         strategy=spec.strategy or ("ddp" if spec.devices * spec.num_nodes > 1 else "auto"),
-        accelerator=spec.accelerator or "auto", sync_batchnorm=spec.sync_batchnorm,
+        accelerator=accelerator_of(spec.device, spec.accelerator),
+        sync_batchnorm=spec.sync_batchnorm,
         epochs=spec.epochs, progress=spec.progress, tensorboard=spec.tensorboard,
     )  # fmt: skip
     ShardedRows(train_rows, spec.batch_size).check(trainer.world_size)
@@ -235,6 +256,8 @@ def _train_distributed(spec, vae, data, test, out, overwrite, echo) -> dict | No
             f"{spec.epochs} epochs on {trainer.world_size} processes, {spec.batch_size} images "
             f"each per step -> {folder.prepare_out(out, overwrite)}"
         )
+        for note in spec.notes():
+            warn(note)
     history = fit_distributed(
         vae.model, vae.guide, train_rows, trainer=trainer, elbo=spec.elbo,
         num_particles=spec.particles, epochs=spec.epochs, batch_size=spec.batch_size,
@@ -255,7 +278,7 @@ def _finish(spec, vae, data, test, history, out, echo) -> dict:
         "importance samples (argument `eval_samples` and argument `eval_limit` trade "
         "accuracy for time)"
     )
-    result = evaluate_run(vae, test, spec.eval_samples, spec.progress)
+    result = evaluate_run(vae, test, spec.eval_samples, spec.seed, spec.progress)
     metrics = _metrics(spec, vae, result, history[-1]["seconds"], len(test))
     folder.write_history(out / "history.csv", history)
     folder.write_pictures(out, vae, test, data.image_shape, history)
@@ -263,8 +286,15 @@ def _finish(spec, vae, data, test, history, out, echo) -> dict:
     return metrics
 
 
-def evaluate_run(vae, test, num_samples: int, progress: bool) -> dict:
-    """The evaluation of a run: log p(x) with K = ``num_samples``, and IWAE at 5 and 50."""
+def evaluate_run(vae, test, num_samples: int, seed: int, progress: bool = False) -> dict:
+    """The evaluation of a run: log p(x) with K = ``num_samples``, and IWAE at 5 and 50.
+
+    The one evaluation protocol of ``train``, ``evaluate`` and ``report``: the random
+    numbers are seeded with ``seed`` first (a run uses its own seed), so re-evaluating a
+    saved run at its K, seed and test rows, on the same device, gives its ``metrics.json``
+    numbers exactly, whatever random state training left behind.
+    """
+    pyro.set_rng_seed(seed)
     return evaluate(
         vae.model,
         vae.guide,
@@ -307,6 +337,7 @@ def _metrics(spec, vae, result, train_seconds, num_test) -> dict:
         "batch_size": spec.batch_size,
         "lr": spec.lr,
         "seed": spec.seed,
+        "notes": spec.notes(),
         "train_seconds": train_seconds,
         "num_test": num_test,
         **summary(result),
