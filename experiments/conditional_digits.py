@@ -115,6 +115,7 @@ def main(argv=None) -> dict:
             min(10, args.per_class),
             "conditional ladder: samples of p(x | c), one row per class",
             row_labels=[str(k) for k in range(classes)],
+            ink=True,  # binarized digits: their pixel means drawn as the data look
         ),
         args.out / "samples.png",
     )

@@ -48,7 +48,7 @@ class BernoulliLikelihood(nn.Module):
             raise DataError(
                 "the Bernoulli likelihood needs binary data (0/1) but got other values: "
                 "binarize grey images (fit(..., binarize=True), the CLI does it for grey data "
-                "sets) or use the Gaussian likelihood (--likelihood gaussian)"
+                "sets) or use the Gaussian likelihood (argument `likelihood` gaussian)"
             )
 
 

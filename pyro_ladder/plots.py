@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -53,7 +54,24 @@ def image_grid(
     if title:
         ax.set_title(title)
     fig.tight_layout()
+    if title:
+        _fit_title(fig, ax, title)
     return fig
+
+
+def _fit_title(fig, ax, title: str) -> None:
+    """Wrap ``ax``'s title onto as many lines as the figure's width needs: a grid a few
+    tiles wide is narrower than a one-line title, which would be clipped at both edges.
+    Each try measures the drawn title and lays the figure out again."""
+    renderer = fig.canvas.get_renderer()
+    chars = len(title)
+    while chars > 1:
+        box = ax.title.get_window_extent(renderer)  # pixels
+        if box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height:
+            return
+        chars = min(chars - 1, int(chars * 0.95 * fig.bbox.width / box.width))
+        ax.set_title(textwrap.fill(title, max(chars, 1)))
+        fig.tight_layout()
 
 
 def is_binary(images: torch.Tensor) -> bool:

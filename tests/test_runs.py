@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyro_ladder import ConfigError
+from pyro_ladder import ConfigError, LadderVAE
 from pyro_ladder.checkpoint import load_checkpoint
 from pyro_ladder.cli import build_parser, main
 from pyro_ladder.cli.commands import as_flags, spec_of
@@ -115,3 +115,38 @@ def test_python_runs_refuse_a_folder_that_holds_a_run(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
     with pytest.raises(ConfigError, match="argument `out`.*already holds a run"):
         folder.prepare_out(tmp_path)
+
+
+def _title_inside(fig) -> bool:
+    fig.canvas.draw()
+    box = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())  # pixels
+    return box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+
+
+@pytest.mark.parametrize("per_class, num", [(1, 1), (2, 2), (3, 3), (8, 64)])
+def test_picture_titles_lie_inside_the_figure_on_narrow_grids(per_class, num):
+    import matplotlib.pyplot as plt
+
+    torch.manual_seed(0)
+    conditional = LadderVAE(64, (4, 2), (16, 8), condition_dim=10)
+    plain = LadderVAE(64, (4, 2), (16, 8))
+    with torch.no_grad():
+        figures = [
+            folder.samples_figure(conditional, (8, 8), num, per_class, (3, 0, 7)),  # --classes
+            folder.samples_figure(plain, (8, 8), num, per_class, None),
+        ]
+    for fig in figures:
+        assert _title_inside(fig), fig.axes[0].get_title()
+        assert fig.axes[0].get_title().replace("\n", " ").startswith("samples from")
+        plt.close(fig)
+
+
+def test_pictures_of_binary_data_are_ink_on_paper_and_grey_data_as_published():
+    import matplotlib.pyplot as plt
+
+    for likelihood, cmap in [("bernoulli", "gray_r"), ("gaussian", "gray")]:
+        vae = LadderVAE(64, (4,), (16,), likelihood=likelihood)
+        with torch.no_grad():
+            fig = folder.samples_figure(vae, (8, 8), 4, 1, None)
+        assert fig.axes[0].images[0].get_cmap().name == cmap
+        plt.close(fig)

@@ -93,19 +93,25 @@ def write_pictures(out: Path, vae, test: torch.Tensor, image_shape, history: lis
     originals = test[:32]
     pixels = vae.split(originals)[0]  # (32, x_dim): without a packed label
     pairs = torch.stack([pixels, vae.reconstruct(originals)], 1).reshape(64, -1)  # (64, x_dim)
-    save_figure(
-        image_grid(pairs, image_shape, 8, "test image (left) and its reconstruction (right)"),
-        out / "reconstructions.png",
-    )
+    title = "test image (left) and its reconstruction (right)"
+    save_figure(image_grid(pairs, image_shape, 8, title, ink=ink(vae)), out / "reconstructions.png")
     if history:
         save_figure(training_curves(history), out / "curves.png")
+
+
+def ink(vae) -> bool:
+    """Whether the pictures of ``vae`` are drawn ink on paper: a Bernoulli model's data are
+    binary (binarized MNIST, digits, grey sets binarized anew), and its pixel means, which
+    are not binary, are drawn to look like them; a Gaussian model's grey data as published."""
+    return vae.config.likelihood == "bernoulli"
 
 
 def samples_figure(vae, image_shape, num: int, per_class: int, classes):
     """``num`` draws of an unconditional model, or ``per_class`` draws of each class of a
     conditional one, a row per class (``classes``: which; default all)."""
     if vae.condition_dim == 0:
-        return image_grid(vae.sample(num), image_shape, min(num, 8), "samples from the prior")
+        title = "samples from the prior"
+        return image_grid(vae.sample(num), image_shape, min(num, 8), title, ink=ink(vae))
     classes = list(range(vae.condition_dim)) if classes is None else list(classes)
     bad = [k for k in classes if not 0 <= k < vae.condition_dim]
     if bad:
@@ -120,4 +126,5 @@ def samples_figure(vae, image_shape, num: int, per_class: int, classes):
         per_class,
         "samples from p(x | c), one row per class c",
         row_labels=[str(k) for k in classes],
+        ink=ink(vae),
     )
