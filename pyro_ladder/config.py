@@ -7,11 +7,12 @@ import numbers
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .guide import INFERENCE
 from .likelihoods import LIKELIHOODS
 
-INFERENCES = ("top-down", "bottom-up")
-"""Names of the inference networks; :data:`pyro_ladder.guide.INFERENCE` maps each to its
-class (``guide`` imports this module, so the names live here and the classes there)."""
+INFERENCES = tuple(INFERENCE)
+"""Names of the inference networks: the keys of the one registry,
+:data:`pyro_ladder.guide.INFERENCE`, which maps each to its class."""
 
 
 @dataclass(frozen=True)

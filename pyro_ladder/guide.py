@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
 
 from ._memo import Memo
-from .config import LadderConfig
 from .layers import MLP, GaussianBlock, GaussianHead, broadcast_cat
 from .merge import precision_weighted
 from .model import Generative
+
+if TYPE_CHECKING:  # annotations only: config imports this module's registry
+    from .config import LadderConfig
 
 
 class TopDownInference(nn.Module):

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
 
 from ._memo import Memo
-from .config import LadderConfig
 from .errors import DataError
 from .layers import GaussianBlock, GaussianHead, broadcast_cat
 from .likelihoods import make_likelihood
+
+if TYPE_CHECKING:  # annotations only: config imports the guide, which imports this module
+    from .config import LadderConfig
 
 
 class Generative(nn.Module):
