@@ -37,6 +37,7 @@ import warnings
 import numpy as np
 import pyro
 import torch
+import torch.distributed as dist
 from pyro.infer import ELBO
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -60,9 +61,32 @@ except ImportError:
         "pip install 'pyro_ladder[distributed]' (or pip install 'lightning>=2.6')"
     ) from None
 
-__all__ = ["LightningSVI", "ShardedRows", "fit_distributed", "make_trainer", "process_seed"]
+__all__ = [
+    "LightningSVI",
+    "ShardedRows",
+    "fit_distributed",
+    "make_trainer",
+    "process_seed",
+    "release_process_group",
+]
 
 log = logging.getLogger(__name__)
+
+
+def release_process_group(wait: bool = True) -> None:
+    """End this process's part in the process group: wait for every process (``wait``),
+    then destroy the group.
+
+    Why: Lightning destroys the group only for NCCL (at exit). A gloo group left alive is
+    torn down by the interpreter's exit, where the C++ destructor of a gloo thread that is
+    still joinable calls ``std::terminate`` ("terminate called without an active
+    exception", SIGABRT); how often depends on timing, hence on load. The barrier first
+    makes sure no process closes its connections while a peer still talks to it.
+    """
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def process_seed(seed: int, rank: int) -> int:
@@ -199,6 +223,10 @@ class LightningSVI(pl.LightningModule):
             model, guide = with_kl_weight(model), with_kl_weight(guide)
         self._pair = (model, guide)
 
+    def teardown(self, stage: str) -> None:
+        # every process, after training, under any launcher (ddp_spawn's workers too)
+        release_process_group()
+
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
@@ -230,8 +258,10 @@ class LightningSVI(pl.LightningModule):
         sums = self.trainer.strategy.reduce(self._sums.clone(), reduce_op="sum")  # (2,)
         loss = (sums[0] / sums[1]).item()
         record = {"epoch": self.current_epoch + 1, "loss": loss, "kl_weight": self._beta}
-        # the same number on every process: sync_dist only satisfies Lightning's check
-        self.log("loss", loss, sync_dist=True, prog_bar=True)
+        # for the progress bar only: through the logger Lightning would write it at the
+        # optimizer step and add a 0-based `epoch` scalar; the same number on every
+        # process, sync_dist only satisfies Lightning's check
+        self.log("loss", loss, sync_dist=True, prog_bar=True, logger=False)
         if not self.trainer.is_global_zero:
             return
         if self.monitor is not None:
@@ -239,9 +269,9 @@ class LightningSVI(pl.LightningModule):
         record["seconds"] = time.perf_counter() - self._start
         self.history.append(record)
         log.info("epoch %d loss %.3f nats/example", record["epoch"], record["loss"])
-        if self.logger is not None:  # rank 0's own numbers: straight to the logger
-            others = {k: v for k, v in record.items() if k not in ("epoch", "loss")}
-            self.logger.log_metrics(others, step=record["epoch"])
+        if self.logger is not None:  # as fit logs: every number at the 1-based epoch
+            numbers = {k: v for k, v in record.items() if k != "epoch"}
+            self.logger.log_metrics(numbers, step=record["epoch"])
 
     def _inputs(self, batch: torch.Tensor) -> torch.Tensor:
         return binarize_pixels(batch) if self.binarize else batch
@@ -407,5 +437,8 @@ def fit_distributed(
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         # torch 2.14 deprecates a pytree type check that Lightning 2.6 makes on every batch
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-        trainer.fit(svi, datamodule=rows)
+        try:
+            trainer.fit(svi, datamodule=rows)
+        finally:  # on an error Lightning skips the teardown hook; no barrier: peers may be gone
+            release_process_group(wait=False)
     return svi.history if trainer.is_global_zero else None

@@ -266,10 +266,21 @@ def test_setups_that_cannot_run_are_refused_before_anything_is_written(
     assert not (tmp_path / "run").exists()
 
 
+def _scalars(folder):
+    """``{tag: [steps]}`` of the TensorBoard event files in ``folder``, read by TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def test_two_process_run_of_the_command_line(tmp_path):
-    common = ["--epochs", "1", "--eval-samples", "10", "--eval-limit", "40", "--no-progress"]
-    assert main(["train", *common, "--out", str(tmp_path / "one")]) == 0
+    common = ["--epochs", "2", "--eval-samples", "10", "--eval-limit", "40", "--no-progress"]
+    one = ["--out", str(tmp_path / "one"), "--tensorboard", str(tmp_path / "tb-one")]
+    assert main(["train", *common, *one]) == 0
     command = [sys.executable, "-m", "pyro_ladder", "train", *common, "--out", "two"]
+    command += ["--tensorboard", "tb-two"]
     command += ["--devices", "2", "--strategy", "ddp", "--accelerator", "cpu"]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
@@ -277,14 +288,19 @@ def test_two_process_run_of_the_command_line(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "on 2 processes" in done.stdout
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    two = [p for p in written if p.parts[0] != "one"]
+    two = [p for p in written if p.parts[0] not in ("one", "tb-one")]
     assert [p for p in two if p.suffix == ".pt"] == [Path("two/checkpoint.pt")]
-    assert {p.parts[0] for p in two} == {"two"}  # no Lightning logs or checkpoints
+    assert {p.parts[0] for p in two} == {"two", "tb-two"}  # no Lightning logs or checkpoints
+    # both paths log the same numbers at the same steps: every tag at the 1-based epoch
+    steps = _scalars(tmp_path / "tb-one")
+    assert set(steps) >= {"loss", "kl_weight", "monitor_elbo", "kl_z1", "seconds"}
+    assert all(s == [1, 2] for s in steps.values()), steps
+    assert _scalars(tmp_path / "tb-two") == steps
     one_metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two_metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert set(two_metrics) == set(one_metrics)
-    assert two_metrics["epochs"] == 1 and two_metrics["test_log_likelihood"] < 0
+    assert two_metrics["epochs"] == 2 and two_metrics["test_log_likelihood"] < 0
     one_history = (tmp_path / "one" / "history.csv").read_text().splitlines()
     two_history = (tmp_path / "two" / "history.csv").read_text().splitlines()
     assert set(one_history[0].split(",")) == set(two_history[0].split(","))
-    assert len(two_history) == 2  # the header and one epoch
+    assert len(two_history) == 3  # the header and two epochs
