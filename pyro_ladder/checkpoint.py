@@ -47,7 +47,9 @@ def save_checkpoint(
 
     :param training: the state :func:`~pyro_ladder.fit` hands its ``checkpoint`` callback.
         Its optimizer entries are stored under names relative to ``vae``, so the run can
-        resume in another process, where the model's Pyro name differs.
+        resume in another process, where the model's Pyro name differs. A state of
+        :func:`~pyro_ladder.distributed.fit_distributed` (it names its ``processes``) holds
+        a ``torch.optim`` state dict, stored as it is.
     """
     path = Path(path)
     payload = {
@@ -58,7 +60,9 @@ def save_checkpoint(
         "state_dict": vae.state_dict(),
         "meta": dict(meta or {}),
     }
-    if training is not None:
+    if training is not None and "processes" in training:
+        payload["training"] = training
+    elif training is not None:
         prefix = f"{vae.pyro_name}."
         optimizer = {_strip(name, prefix): state for name, state in training["optimizer"].items()}
         payload["training"] = {**training, "optimizer": optimizer}
@@ -165,6 +169,12 @@ def load_training_checkpoint(
             f"{path} holds a finished model without its training state, so it cannot be "
             "resumed; start a new run (it can still be evaluated)"
         )
+    if "processes" in training:  # fit_distributed's: checked as data only
+        try:
+            _check_training(training, processes=training["processes"])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"{path}: the training state is damaged ({err})") from None
+        return vae, meta, training
     try:
         _check_training(training)
         names = _parameter_names(vae)
@@ -180,8 +190,10 @@ def load_training_checkpoint(
     return vae, meta, {**training, "optimizer": optimizer}
 
 
-def _check_training(training: dict) -> None:
-    """Raise if ``training`` lacks an entry :func:`fit` needs or holds one of a wrong type."""
+def _check_training(training: dict, processes: int | None = None) -> None:
+    """Raise if ``training`` lacks an entry :func:`fit` (or, with ``processes``,
+    :func:`~pyro_ladder.distributed.fit_distributed` on that many) needs or holds one of a
+    wrong type."""
     kinds = {"options": dict, "position": dict, "history": list, "optimizer": dict, "rng": dict}
     for key, kind in kinds.items():
         if not isinstance(training.get(key), kind):
@@ -190,8 +202,15 @@ def _check_training(training: dict) -> None:
     for key in ("epoch", "step", "seen"):
         if not isinstance(position[key], int) or position[key] < 0:
             raise ValueError(f"position {key!r} is {position[key]!r}")
-    if not isinstance(training["rng"]["torch"], torch.Tensor):
+    rng = training["rng"]["torch"]
+    if not isinstance(rng, torch.Tensor):
         raise ValueError("the torch RNG state is not a tensor")
+    if processes is None:
+        return
+    if not isinstance(processes, int) or processes < 1 or rng.shape[:1] != (processes,):
+        raise ValueError(f"{processes!r} processes but RNG states of shape {tuple(rng.shape)}")
+    if not {"state", "param_groups"} <= set(training["optimizer"]):
+        raise ValueError("the optimizer entry is not a torch.optim state dict")
 
 
 def _parameter_names(vae: LadderVAE) -> set:

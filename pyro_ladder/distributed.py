@@ -30,6 +30,7 @@ References
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -117,24 +118,34 @@ class ShardBatches(Sampler):
     shard is cut into full batches of ``batch_size`` (a ragged last batch is dropped, as in
     :func:`~pyro_ladder.fit`, so batch norm always sees a full batch and every process
     runs the same number of steps).
+
+    :param start: ``(epoch, step)`` of a resumed run: Lightning's epoch 0 is the run's
+        ``epoch`` (0-based), whose first ``step`` batches are skipped.
     """
 
-    def __init__(self, num_rows: int, batch_size: int, num_replicas: int, rank: int, seed: int):
+    def __init__(
+        self, num_rows: int, batch_size: int, num_replicas: int, rank: int, seed: int,
+        start: tuple[int, int] = (0, 0),
+    ):  # fmt: skip
         self.shard = DistributedSampler(
             range(num_rows), num_replicas, rank, shuffle=True, seed=seed, drop_last=True
         )
-        self.batch_size = batch_size
+        self.batch_size, (self.first_epoch, self.skip) = batch_size, start
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of each epoch: a fresh permutation."""
-        self.shard.set_epoch(epoch)
+        self.lightning_epoch = epoch
+        self.shard.set_epoch(self.first_epoch + epoch)
 
     def __len__(self) -> int:
+        """Batches in a whole epoch (Lightning reads it once: a resumed first epoch just
+        ends early)."""
         return len(self.shard) // self.batch_size
 
     def __iter__(self):
         indices = list(self.shard)
-        for step in range(len(self)):
+        for step in range(self.skip if self.lightning_epoch == 0 else 0, len(self)):
             yield indices[step * self.batch_size : (step + 1) * self.batch_size]
 
 
@@ -142,9 +153,9 @@ class ShardedRows(pl.LightningDataModule):
     """The training rows ``data (N, ...)``, each process reading its own shard
     (:class:`ShardBatches`) in batches of ``batch_size`` rows per process."""
 
-    def __init__(self, data: torch.Tensor, batch_size: int, seed: int = 0):
+    def __init__(self, data: torch.Tensor, batch_size: int, seed: int = 0, start=(0, 0)):
         super().__init__()
-        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.data, self.batch_size, self.seed, self.start = data, batch_size, seed, start
 
     def check(self, world: int) -> None:
         """Raise :class:`ConfigError` unless each of ``world`` processes gets a full batch."""
@@ -158,9 +169,12 @@ class ShardedRows(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
         self.check(world)
-        batches = ShardBatches(len(self.data), self.batch_size, world, rank, self.seed)
-        # the rows are in memory: worker processes would only copy them
-        return DataLoader(_Rows(self.data), sampler=batches, batch_size=None)
+        batches = ShardBatches(len(self.data), self.batch_size, world, rank, self.seed, self.start)
+        # the rows are in memory: worker processes would only copy them; a generator of its
+        # own keeps the loader from drawing its base seed from the training's random stream
+        # (a resumed epoch would draw it again)
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(_Rows(self.data), sampler=batches, batch_size=None, generator=generator)
 
 
 class LightningSVI(pl.LightningModule):
@@ -183,6 +197,12 @@ class LightningSVI(pl.LightningModule):
         KL per site), as in :func:`~pyro_ladder.fit`.
     :param module: the ``nn.Module`` that owns every parameter of the pair; default: the
         module(s) whose methods ``model`` and ``guide`` are.
+    :param checkpoint: called on global rank 0 as ``checkpoint(state)`` before the first
+        step, after every epoch and every ``checkpoint_every`` steps, with the training
+        state of every process (position, history, optimizer state, each process's RNG
+        state), as :func:`~pyro_ladder.fit` calls its own.
+    :param resume: such a state: training continues from it on as many processes, with
+        the same random numbers, so the run ends as the uninterrupted one.
     :raises ConfigError: when no module owns the pair's parameters.
     """
 
@@ -199,6 +219,9 @@ class LightningSVI(pl.LightningModule):
         seed: int = 0,
         monitor: torch.Tensor | None = None,
         module: nn.Module | None = None,
+        checkpoint=None,
+        checkpoint_every: int | None = None,
+        resume: dict | None = None,
     ):
         super().__init__()
         owners = [module] if module is not None else modules_of(model, guide)
@@ -215,6 +238,13 @@ class LightningSVI(pl.LightningModule):
         self.history: list[dict] = []
         self._pair = (model, guide)
         self._beta, self._checked = 1.0, False
+        self.checkpoint, self.checkpoint_every, self.resume = checkpoint, checkpoint_every, resume
+        self.first_epoch, self.first_step = start_of(resume)
+        self.options = {
+            "elbo": elbo if isinstance(elbo, str) else type(elbo).__name__,
+            "num_particles": num_particles, "lr": float(lr), "warmup_epochs": warmup_epochs,
+            "binarize": bool(binarize), "seed": seed,
+        }  # fmt: skip
 
     def setup(self, stage: str) -> None:
         # wrappers are made here, in each process: closures do not pickle (ddp_spawn)
@@ -230,13 +260,33 @@ class LightningSVI(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
+    @property
+    def epoch(self) -> int:
+        """The run's epoch (0-based): Lightning counts from the resumed one."""
+        return self.first_epoch + self.current_epoch
+
+    def _skipped(self) -> int:
+        """Steps of the current epoch done before the run was resumed."""
+        return self.first_step if self.current_epoch == 0 else 0
+
     def on_train_start(self) -> None:
-        pyro.set_rng_seed(process_seed(self.seed, self.global_rank))
         self._start = time.perf_counter()
+        if self.resume is None:
+            pyro.set_rng_seed(process_seed(self.seed, self.global_rank))
+            self._save(0, 0, torch.zeros(2, device=self.device))
+        else:
+            self._restore(self.resume)
 
     def on_train_epoch_start(self) -> None:
-        self._beta = kl_weight(self.current_epoch, self.warmup_epochs)
+        self._beta = kl_weight(self.epoch, self.warmup_epochs)
         self._sums = torch.zeros(2, device=self.device)  # loss x rows, rows
+        if self._skipped():
+            self._sums = self.resume["position"]["sums"][self.global_rank].to(self.device)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        step, every = self._skipped() + batch_idx + 1, self.checkpoint_every
+        if every and step % every == 0 and step < self.trainer.num_training_batches:
+            self._save(self.epoch, step, self._sums)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if not self._checked:
@@ -257,13 +307,17 @@ class LightningSVI(pl.LightningModule):
         # collective of ours could interleave with theirs in a different order per process
         sums = self.trainer.strategy.reduce(self._sums.clone(), reduce_op="sum")  # (2,)
         loss = (sums[0] / sums[1]).item()
-        record = {"epoch": self.current_epoch + 1, "loss": loss, "kl_weight": self._beta}
+        record = {"epoch": self.epoch + 1, "loss": loss, "kl_weight": self._beta}
         # for the progress bar only: through the logger Lightning would write it at the
         # optimizer step and add a 0-based `epoch` scalar; the same number on every
         # process, sync_dist only satisfies Lightning's check
         self.log("loss", loss, sync_dist=True, prog_bar=True, logger=False)
-        if not self.trainer.is_global_zero:
-            return
+        if self.trainer.is_global_zero:
+            self._record(record)
+        self._save(self.epoch + 1, 0, torch.zeros_like(self._sums))  # every process
+
+    def _record(self, record: dict) -> None:
+        """Rank 0: the epoch's record, with the monitor, into the history and the logger."""
         if self.monitor is not None:
             record.update(self._monitor())
         record["seconds"] = time.perf_counter() - self._start
@@ -272,6 +326,50 @@ class LightningSVI(pl.LightningModule):
         if self.logger is not None:  # as fit logs: every number at the 1-based epoch
             numbers = {k: v for k, v in record.items() if k != "epoch"}
             self.logger.log_metrics(numbers, step=record["epoch"])
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` of every process, ``(world, ...)``, on the CPU (a collective)."""
+        gathered = self.all_gather(tensor.to(self.device))
+        return (gathered if self.trainer.world_size > 1 else gathered[None]).cpu()
+
+    def _save(self, epoch: int, step: int, sums: torch.Tensor) -> None:
+        """Every process: gather the RNG states and loss sums; rank 0 hands the state to
+        ``checkpoint``."""
+        if self.checkpoint is None:
+            return
+        rng = {"torch": self._gather(torch.get_rng_state())}
+        if self.device.type == "cuda":
+            rng["cuda"] = self._gather(torch.cuda.get_rng_state(self.device))
+        position = {"epoch": epoch, "step": step, "seen": 0, "sums": self._gather(sums)}
+        if not self.trainer.is_global_zero:
+            return
+        self.checkpoint(
+            {
+                "processes": self.trainer.world_size,
+                "options": dict(self.options),
+                "position": {**position, "seconds": time.perf_counter() - self._start},
+                "history": [dict(r) for r in self.history],
+                "optimizer": copy.deepcopy(self.trainer.optimizers[0].state_dict()),
+                "rng": rng,
+            }
+        )
+
+    def _restore(self, state: dict) -> None:
+        """Continue from ``state`` (see :meth:`_save`) on as many processes."""
+        if state["processes"] != self.trainer.world_size:
+            raise ConfigError(_other_world(state["processes"], self.trainer.world_size))
+        changed = sorted(k for k in self.options if state["options"].get(k) != self.options[k])
+        if changed:
+            raise ConfigError(
+                f"cannot resume: the run was trained with other options ({', '.join(changed)}); "
+                "resume with the options it was started with"
+            )
+        self.trainer.optimizers[0].load_state_dict(state["optimizer"])
+        self.history = [dict(r) for r in state["history"]]
+        self._start -= state["position"]["seconds"]
+        torch.set_rng_state(state["rng"]["torch"][self.global_rank])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"][self.global_rank], self.device)
 
     def _inputs(self, batch: torch.Tensor) -> torch.Tensor:
         return binarize_pixels(batch) if self.binarize else batch
@@ -292,9 +390,8 @@ class LightningSVI(pl.LightningModule):
         the gradient all-reduce)."""
         bad = loss is None or not bool(torch.isfinite(loss))
         if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
-            where = (
-                f"epoch {self.current_epoch + 1}, step {batch_idx + 1} (on at least one process)"
-            )
+            step = self._skipped() + batch_idx + 1
+            where = f"epoch {self.epoch + 1}, step {step} (on at least one process)"
             raise diverged(where)
 
     def _check_parameters(self, batch: torch.Tensor) -> None:
@@ -302,7 +399,9 @@ class LightningSVI(pl.LightningModule):
         optimizes and DDP all-reduces, and registering must not swap any of them."""
         before = [id(p) for p in self.parameters()]
         model, guide = self._pair
-        with torch.no_grad(), eval_mode(*self.networks):
+        devices = [self.device] if self.device.type == "cuda" else []
+        # its draws come from a forked stream: a resumed run repeats this check
+        with torch.random.fork_rng(devices), torch.no_grad(), eval_mode(*self.networks):
             args = self._args(self._inputs(batch))
             guide_only, in_model, _ = parameter_roles(model, guide, args, {})
         stray = sorted(n for n, t in {**guide_only, **in_model}.items() if id(t) not in before)
@@ -315,6 +414,21 @@ class LightningSVI(pl.LightningModule):
 
     def _monitor(self) -> dict:
         return monitor_record(self.pyro_model, self.pyro_guide, self.monitor.to(self.device))
+
+
+def start_of(resume: dict | None) -> tuple[int, int]:
+    """``(epoch, step)`` where a run resumed from the state ``resume`` starts."""
+    if resume is None:
+        return 0, 0
+    return resume["position"]["epoch"], resume["position"]["step"]
+
+
+def _other_world(saved: int, now: int) -> str:
+    return (
+        f"cannot resume: the run trained on {saved} processes, not {now}; resume it on "
+        f"{saved} (argument `devices` x argument `num_nodes`): another number of processes "
+        "would deal the rows into other batches"
+    )
 
 
 def make_trainer(
@@ -396,6 +510,9 @@ def fit_distributed(
     seed: int = 0,
     binarize: bool = False,
     monitor: torch.Tensor | None = None,
+    checkpoint=None,
+    checkpoint_every: int | None = None,
+    resume: dict | None = None,
     **trainer_options,
 ) -> list[dict] | None:
     """:func:`~pyro_ladder.fit` through PyTorch Lightning, on one or many processes.
@@ -409,6 +526,10 @@ def fit_distributed(
     :param trainer: a Trainer from :func:`make_trainer`; else one is made from
         ``trainer_options`` (``devices``, ``num_nodes``, ``strategy``, ``accelerator``,
         ``sync_batchnorm``, ``progress``, ``tensorboard``) and ``epochs``.
+    :param checkpoint: ``checkpoint(state)`` on global rank 0 before the first step, after
+        every epoch and every ``checkpoint_every`` steps (see :class:`LightningSVI`).
+    :param resume: a state ``checkpoint`` received: training continues from it (on as
+        many processes: another number is refused) and ends as the uninterrupted run.
     :returns: the per-epoch records of :func:`~pyro_ladder.fit` on global rank 0 (loss
         averaged over every process's rows), None on the other processes.
     :raises ConfigError: for bad options; :class:`~pyro_ladder.TrainingError` when the
@@ -416,10 +537,19 @@ def fit_distributed(
     """
     if seed is None:  # every process must draw the same shuffles
         raise ConfigError("seed must be an integer on several processes, got None")
-    check_fit_options(data, epochs, batch_size, lr, warmup_epochs, seed=seed)
+    check_fit_options(data, epochs, batch_size, lr, warmup_epochs, checkpoint_every, seed)
     if trainer is None:
         trainer = make_trainer(epochs=epochs, **trainer_options)
-    rows = ShardedRows(data, batch_size, seed)
+    start = start_of(resume)
+    if resume is not None and resume["processes"] != trainer.world_size:
+        raise ConfigError(_other_world(resume["processes"], trainer.world_size))
+    if start[0] > epochs:
+        raise ConfigError(
+            f"cannot resume: the run has already trained {start[0]} epochs, more than the "
+            f"{epochs} asked for; ask for at least {start[0]}"
+        )
+    trainer.fit_loop.max_epochs = epochs - start[0]  # Lightning counts from the resumed epoch
+    rows = ShardedRows(data, batch_size, seed, start)
     rows.check(trainer.world_size)  # before Lightning starts the other processes
     svi = LightningSVI(
         model,
@@ -431,6 +561,9 @@ def fit_distributed(
         binarize=binarize,
         seed=seed,
         monitor=monitor,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
     )
     with warnings.catch_warnings():
         # rows are read from memory; worker processes would only copy them

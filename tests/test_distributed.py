@@ -304,3 +304,74 @@ def test_two_process_run_of_the_command_line(tmp_path):
     two_history = (tmp_path / "two" / "history.csv").read_text().splitlines()
     assert set(one_history[0].split(",")) == set(two_history[0].split(","))
     assert len(two_history) == 3  # the header and two epochs
+
+
+def _lightning_run(folder, vae, resume=None, epochs=3):
+    """fit_distributed on one process, a checkpoint file at every save; (history, saves)."""
+    from pyro_ladder.checkpoint import save_checkpoint
+
+    folder.mkdir(exist_ok=True)
+    saves = []
+
+    def save(state):
+        path = folder / f"save{len(saves)}.pt"
+        save_checkpoint(path, vae, {}, training=state)
+        saves.append(path)
+
+    torch.manual_seed(0)
+    grey = torch.rand(90, 6)  # binarized anew for every batch
+    history = fit_distributed(
+        vae.model, vae.guide, grey, epochs=epochs, batch_size=20, lr=1e-2, warmup_epochs=2,
+        binarize=True, seed=3, monitor=grey[:10].round(), accelerator="cpu", progress=False,
+        checkpoint=save, checkpoint_every=2, resume=resume,
+    )  # fmt: skip
+    return history, saves
+
+
+def test_a_lightning_run_resumed_from_every_save_point_ends_as_the_uninterrupted_one(tmp_path):
+    from pyro_ladder.checkpoint import load_training_checkpoint
+
+    torch.manual_seed(1)
+    vae = LadderVAE(6, (3, 2), (8, 4))
+    history, saves = _lightning_run(tmp_path / "ref", vae)
+    states = [torch.load(p, weights_only=True)["training"] for p in saves]
+    # before the first step, after steps 2 of each 4-step epoch, after each epoch
+    assert [(s["position"]["epoch"], s["position"]["step"]) for s in states] == [
+        (0, 0), (0, 2), (1, 0), (1, 2), (2, 0), (2, 2), (3, 0)]  # fmt: skip
+    assert all(s["processes"] == 1 and s["rng"]["torch"].shape[0] == 1 for s in states)
+    assert {"state", "param_groups"} <= set(states[-1]["optimizer"])
+    assert len(states[-1]["history"]) == 3 and states[1]["position"]["sums"][0, 1] == 40
+    without_time = [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+    for path in saves[1:-1]:
+        pyro.clear_param_store()
+        resumed, _, training = load_training_checkpoint(path)
+        again, _ = _lightning_run(tmp_path / path.stem, resumed, resume=training)
+        assert [{k: v for k, v in r.items() if k != "seconds"} for r in again] == without_time
+        b = vae.state_dict()
+        assert all(torch.equal(t, b[k]) for k, t in resumed.state_dict().items()), path.name
+
+
+def test_resuming_on_another_number_of_processes_is_refused(tmp_path, capsys):
+    args = ["train", "--preset", "small", "--epochs", "1", "--batch-size", "200", "--no-progress",
+            "--eval-samples", "5", "--eval-limit", "20", "--checkpoint-every", "3"]  # fmt: skip
+    lightning = tmp_path / "lightning"
+    assert main([*args, "--accelerator", "cpu", "--out", str(lightning)]) == 0
+    stored = torch.load(lightning / "checkpoint.pt", weights_only=True)
+    assert stored["meta"]["processes"] == stored["training"]["processes"] == 1
+    position = stored["training"]["position"]
+    assert (position["epoch"], position["step"]) == (1, 0)  # the last save: after epoch 1
+    capsys.readouterr()
+    more = ["train", "--resume", str(lightning), "--epochs", "2", "--no-progress"]
+    assert main([*more, "--accelerator", "cpu", "--devices", "2"]) == 2
+    assert "trained on 1 processes, not 2: resume it on 1 (--devices x --num-nodes)" in \
+        capsys.readouterr().err  # fmt: skip
+    assert main(more) == 2
+    assert "trained on 1 process(es) through Lightning: resume it the same way, e.g. with " \
+        "--devices 1" in capsys.readouterr().err  # fmt: skip
+    one = tmp_path / "one"
+    assert main([*args, "--out", str(one)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(one), "--epochs", "2", "--devices", "2"]) == 2
+    assert "trained in one process: resume it without --devices" in capsys.readouterr().err
+    assert main([*more, "--accelerator", "cpu"]) == 0  # the same setup resumes
+    assert json.loads((lightning / "metrics.json").read_text())["epochs"] == 2

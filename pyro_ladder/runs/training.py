@@ -34,7 +34,8 @@ from .spec import DATASETS_WITH_LABELS, RESUMABLE, RunSpec, from_options, is_con
 from .testset import dynamic_binarization, test_set, with_labels
 
 MONITOR_ROWS = 500  # held-out rows of the per-epoch monitor
-_ONE_PROCESS = "argument `resume` and argument `checkpoint_every` run in one process: drop them"
+_LIGHTNING = ("devices", "num_nodes", "strategy", "accelerator", "sync_batchnorm")
+"""Fields of a run's setup that a checkpoint does not store: a resumed run takes them anew."""
 
 
 def _quiet(line: str) -> None:
@@ -53,8 +54,6 @@ def train(spec: RunSpec, out: Path | None = None, *, overwrite=False, echo=_quie
     ``metrics.json`` also records). Returns the metrics (as ``metrics.json`` holds them),
     or None on a Lightning process other than global rank 0.
     """
-    if spec.distributed and spec.checkpoint_every is not None:
-        raise ConfigError(_ONE_PROCESS)
     device = resolve_device(spec.device)
     data = load_dataset(spec.dataset, spec.data_dir)
     spec = spec.resolved(data.kind)
@@ -78,10 +77,9 @@ def resume(out: Path, given: RunSpec | None = None, *, echo=_quiet, warn=_warn) 
     may continue on another device than it started on.
     """
     given = given or RunSpec()
-    if given.distributed:
-        raise ConfigError(_ONE_PROCESS)
     device = resolve_device(given.device)
     vae, meta, training = load_training_checkpoint(out / "checkpoint.pt")
+    _check_processes(out, training.get("processes"), given)
     spec = _resumed_spec(out, meta.get("options"), given)
     done = training["position"]["epoch"]
     if done >= spec.epochs and (out / "metrics.json").exists():
@@ -93,10 +91,38 @@ def resume(out: Path, given: RunSpec | None = None, *, echo=_quiet, warn=_warn) 
     spec = spec.resolved(data.kind)  # 0.1.0 runs stored preset=None: resolve it here
     test = checked_test_set(spec, vae, data)
     meta = {**meta, "epochs": spec.epochs, "options": spec.options()}
-    echo(f"resuming {out} at epoch {done + 1}, step {training['position']['step'] + 1}")
+    if spec.distributed:
+        return _train_distributed(spec, vae, data, test, out, True, echo, warn, meta, training)
+    echo(_resuming(out, training))
     for note in spec.notes():
         warn(note)
     return _train_one(spec, vae.to(device), data, test, meta, out, training, echo)
+
+
+def _resuming(out: Path, training: dict) -> str:
+    position = training["position"]
+    return f"resuming {out} at epoch {position['epoch'] + 1}, step {position['step'] + 1}"
+
+
+def _check_processes(out: Path, processes: int | None, given: RunSpec) -> None:
+    """Refuse to resume a run on another number of processes than it trained on."""
+    if processes is None and given.distributed:
+        raise ConfigError(
+            f"the run in {out} trained in one process: resume it without argument `devices`, "
+            "argument `num_nodes`, argument `strategy` and argument `accelerator`"
+        )
+    if processes is not None and not given.distributed:
+        raise ConfigError(
+            f"the run in {out} trained on {processes} process(es) through Lightning: resume "
+            f"it the same way, e.g. with argument `devices` {processes} and the argument "
+            "`accelerator` it used"
+        )
+    if processes is not None and given.devices * given.num_nodes != processes:
+        raise ConfigError(
+            f"the run in {out} trained on {processes} processes, not "
+            f"{given.devices * given.num_nodes}: resume it on {processes} (argument `devices` "
+            "x argument `num_nodes`), as another number would deal the rows into other batches"
+        )
 
 
 def _resumed_spec(out: Path, stored, given: RunSpec) -> RunSpec:
@@ -115,7 +141,8 @@ def _resumed_spec(out: Path, stored, given: RunSpec) -> RunSpec:
                 f"{value} differs from the run's {stored[key]}: drop the option (only "
                 "argument `epochs` may change, to train longer)"
             )
-    kept = {k: getattr(given, k) for k in ("data_dir", "progress", "tensorboard", "device")}
+    kept = ("data_dir", "progress", "tensorboard", "device", *_LIGHTNING)
+    kept = {k: getattr(given, k) for k in kept}
     return run.replace(epochs=given.epochs or run.epochs, **kept)
 
 
@@ -232,11 +259,14 @@ def _device_of(vae) -> torch.device:
     return next(vae.parameters()).device
 
 
-def _train_distributed(spec, vae, data, test, out, overwrite, echo, warn) -> dict | None:
+def _train_distributed(
+    spec, vae, data, test, out, overwrite, echo, warn, meta=None, training=None
+) -> dict | None:
     """Lightning on ``devices`` x ``num_nodes`` processes. Lightning's ddp starts the other
     processes of a machine by running the same command again, so every process runs this:
-    each builds the same model (DDP then copies rank 0's weights to all); global rank 0
-    alone writes the run folder."""
+    each builds the same model (DDP then copies rank 0's weights to all), or loads the
+    same checkpoint when resuming (``training``); global rank 0 alone writes the run
+    folder."""
     from ..distributed import ShardedRows, fit_distributed, make_trainer  # or ConfigError
 
     for name in ("lightning.pytorch", "lightning.fabric"):  # their INFO lines are chatter
@@ -252,23 +282,25 @@ def _train_distributed(spec, vae, data, test, out, overwrite, echo, warn) -> dic
     ShardedRows(train_rows, spec.batch_size).check(trainer.world_size)
     if trainer.is_global_zero:
         echo(
+            _resuming(out, training) if training is not None else
             f"training a {vae.depth}-layer {spec.inference} model on {spec.dataset} for "
             f"{spec.epochs} epochs on {trainer.world_size} processes, {spec.batch_size} images "
             f"each per step -> {folder.prepare_out(out, overwrite)}"
-        )
+        )  # fmt: skip
         for note in spec.notes():
             warn(note)
+    meta = meta if meta is not None else _meta(spec, data, trainer.world_size)
+    saver = _Saver(out / "checkpoint.pt", vae, meta)  # called on global rank 0 only
     history = fit_distributed(
         vae.model, vae.guide, train_rows, trainer=trainer, elbo=spec.elbo,
         num_particles=spec.particles, epochs=spec.epochs, batch_size=spec.batch_size,
         lr=spec.lr, warmup_epochs=spec.warmup_epochs, seed=spec.seed,
         binarize=dynamic_binarization(data.kind, spec.likelihood), monitor=test[:MONITOR_ROWS],
+        checkpoint=saver, checkpoint_every=spec.checkpoint_every, resume=training,
     )  # fmt: skip
     if not trainer.is_global_zero:
         return None
-    vae = vae.cpu()
-    save_checkpoint(out / "checkpoint.pt", vae, _meta(spec, data, trainer.world_size))
-    return _finish(spec, vae, data, test, history, out, echo)
+    return _finish(spec, vae.cpu(), data, test, history, out, echo)  # the last save is kept
 
 
 def _finish(spec, vae, data, test, history, out, echo) -> dict:
