@@ -5,8 +5,10 @@ import copy
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -375,3 +377,48 @@ def test_resuming_on_another_number_of_processes_is_refused(tmp_path, capsys):
     assert "trained in one process: resume it without --devices" in capsys.readouterr().err
     assert main([*more, "--accelerator", "cpu"]) == 0  # the same setup resumes
     assert json.loads((lightning / "metrics.json").read_text())["epochs"] == 2
+
+
+def _position(path):
+    try:
+        return torch.load(path, weights_only=True)["training"]["position"]
+    except Exception:  # not written yet (the rename is atomic, the load may race it)
+        return None
+
+
+@pytest.mark.slow
+def test_a_two_process_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
+    setup = ["--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--no-progress"]
+    train = [sys.executable, "-m", "pyro_ladder", "train", "--preset", "small", "--epochs", "3",
+             "--eval-samples", "10", "--eval-limit", "40", "--checkpoint-every", "2",
+             "--seed", "4", *setup]  # fmt: skip
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}  # same threads: bitwise
+    run = dict(cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run([*train, "--out", "whole"], **run)
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed = tmp_path / "killed"
+    # its own session: one SIGKILL to the group ends both processes, as a killed job ends
+    proc = subprocess.Popen([*train, "--out", "killed"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # kill both once they are inside epoch 2
+        position = _position(killed / "checkpoint.pt")
+        if position is not None and (position["epoch"], position["step"]) >= (1, 2):
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists()
+    resumed = [sys.executable, "-m", "pyro_ladder", "train", "--resume", "killed", *setup]
+    done = subprocess.run(resumed, **run)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in done.stdout
+    metrics = [json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("killed", "whole")]
+    assert [{k: v for k, v in m.items() if k != "train_seconds"} for m in metrics][0] == \
+        {k: v for k, v in metrics[1].items() if k != "train_seconds"}  # fmt: skip
+    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True)["state_dict"]
+            for n in ("killed", "whole"))  # fmt: skip
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -119,7 +119,8 @@ def samples_figure(vae, image_shape, num: int, per_class: int, classes):
             f"argument `classes` {bad} are not classes of this model: it knows "
             f"{vae.condition_dim} classes, 0 to {vae.condition_dim - 1}"
         )
-    labels = torch.tensor(classes).repeat_interleave(per_class)  # (rows * per_class,)
+    device = next(vae.parameters()).device
+    labels = torch.tensor(classes, device=device).repeat_interleave(per_class)  # (C * per_class,)
     return image_grid(
         vae.sample(len(labels), labels),
         image_shape,
