@@ -367,9 +367,10 @@ class LightningSVI(pl.LightningModule):
         self.trainer.optimizers[0].load_state_dict(state["optimizer"])
         self.history = [dict(r) for r in state["history"]]
         self._start -= state["position"]["seconds"]
-        torch.set_rng_state(state["rng"]["torch"][self.global_rank])
+        # a row of its own: set_rng_state reads a view's storage from its start
+        torch.set_rng_state(state["rng"]["torch"][self.global_rank].clone())
         if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"][self.global_rank], self.device)
+            torch.cuda.set_rng_state(state["rng"]["cuda"][self.global_rank].clone(), self.device)
 
     def _inputs(self, batch: torch.Tensor) -> torch.Tensor:
         return binarize_pixels(batch) if self.binarize else batch
