@@ -67,9 +67,12 @@ def test_a_spec_is_frozen_and_refuses_unknown_fields_and_devices():
         with pytest.raises(ConfigError, match=rf"argument `seed` {seed} is outside \[0, 2\*\*32"):
             RunSpec(seed=seed)
     assert RunSpec(seed=2**32 - 1, device="cuda:3").seed == 2**32 - 1  # spelling only
-    with pytest.raises(ConfigError, match="batch norm in training mode needs at least 2 rows"):
-        RunSpec(batch_size=1)
-    assert RunSpec(batch_size=1, batch_norm=False).batch_size == 1
+    needs_two = "batch norm in training mode needs at least 2 rows"
+    with pytest.raises(ConfigError, match=needs_two):
+        RunSpec(batch_size=1, batch_norm=True)
+    with pytest.raises(ConfigError, match=needs_two):
+        RunSpec(batch_size=1).resolved("grey")  # an MLP: batch norm on by default
+    assert RunSpec(batch_size=1, batch_norm=False).resolved("grey").batch_size == 1
 
 
 def test_a_warm_up_that_never_ends_is_noted():
