@@ -69,6 +69,14 @@ class ReuseOutputs(Messenger):
         self._entries = {}  # drop every stored input and output with the scope
         return super().__exit__(*exc)
 
+    # The scope handles no Pyro message; every site of the step passes through it, so skip
+    # the base class's lookup of a ``_pyro_<type>`` method on each (fixed cost per step).
+    def _process_message(self, msg) -> None:
+        pass
+
+    def _postprocess_message(self, msg) -> None:
+        pass
+
     def call(self, key, module: nn.Module, inp, fn):
         """``fn(inp)``, or the stored output of a matching earlier request (module docs)."""
         inps = inp if isinstance(inp, tuple) else (inp,)
@@ -97,6 +105,12 @@ class _ReusePolicy(Messenger):
     def __init__(self, enabled: bool):
         super().__init__()
         self.enabled = bool(enabled)
+
+    def _process_message(self, msg) -> None:
+        pass
+
+    def _postprocess_message(self, msg) -> None:
+        pass
 
 
 def reuse_outputs(enabled: bool = True) -> _ReusePolicy:

@@ -6,9 +6,9 @@ import itertools
 
 import pyro
 import torch
-from pyro.params import param_with_module_name
 from torch import nn
 
+from ._params import register_module
 from ._util import eval_mode
 from .condition import as_condition, unpack
 from .config import LadderConfig
@@ -91,13 +91,13 @@ class LadderVAE(nn.Module):
         tensor made by :func:`pyro_ladder.condition.pack` (what ``fit`` and ``evaluate`` batch).
         """
         x, c = self._checked(x, c)
-        pyro.module(f"{self.pyro_name}.generative", self.generative)
+        register_module(f"{self.pyro_name}.generative", self.generative)
         self.generative.model(x, c)
 
     def guide(self, x: torch.Tensor, c=None) -> None:
         """Pyro guide ``q(z | x[, c])`` matching :meth:`model`, with the same arguments."""
         x, c = self.split(x, c)
-        pyro.module(f"{self.pyro_name}.inference", self.inference)
+        register_module(f"{self.pyro_name}.inference", self.inference)
         if self.config.inference == "top-down":  # the merge uses the model's prior nets
             self._register_priors()
         self.inference.guide(x, self.generative, c)
@@ -106,9 +106,7 @@ class LadderVAE(nn.Module):
         """Register the prior networks under the names the model gives them, so the guide's
         trace lists exactly the parameters it shares (not the unused likelihood net) and
         each tensor keeps one name (Pyro's JIT needs that)."""
-        prefix = f"{self.pyro_name}.generative"
-        for name, param in self.generative.priors.named_parameters():
-            pyro.param(param_with_module_name(prefix, f"priors.{name}"), param)
+        register_module(f"{self.pyro_name}.generative", self.generative.priors, "priors.")
 
     def split(self, x: torch.Tensor, c=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(x (B, x_dim), c (B, C) or None)`` from the arguments of :meth:`model`.

@@ -1,0 +1,80 @@
+"""``pyro.module`` with the same messages at a lower fixed cost per step.
+
+Every step registers each parameter of the ladder with Pyro (166 on the paper's network:
+the guide's networks, the prior networks it shares, the model's networks). Pyro's
+``pyro.param`` looks each one up in the parameter store and builds its constrained value
+through ``transform_to(constraint)``; for a tensor the store already holds under that name,
+unconstrained, the answer is the tensor itself. :func:`register_module` sends the same
+``param`` message through the same handler stack (so ``poutine.trace``, ``block``,
+``SVI``'s parameter capture and any user handler see what they would see) and skips only
+that lookup. Anything else (a first registration, another tensor stored under the name, a
+constrained parameter, no handler running) goes through ``pyro.param`` itself.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import pyro
+from pyro.distributions import constraints
+from pyro.params import param_with_module_name
+from pyro.poutine.runtime import Message, am_i_wrapped, apply_stack
+from torch import nn
+
+
+def register_module(name: str, module: nn.Module, prefix: str = "") -> None:
+    """``pyro.module(name, module)``: register every parameter of ``module`` that requires
+    a gradient as ``name.prefix<its name>`` (``prefix``: the path of a submodule, so that it
+    is registered under the names its parent gives it), and warn, as Pyro does, about the
+    others of a module in training mode."""
+    store = pyro.get_param_store()
+    wrapped = am_i_wrapped()
+    for param_name, param in module.named_parameters(prefix.rstrip(".")):
+        if not param.requires_grad:
+            if module.training:
+                warnings.warn(
+                    f"{param_name} was not registered in the param store because "
+                    "requires_grad=False. You can silence this warning by calling "
+                    "my_module.train(False)",
+                    stacklevel=3,
+                )
+            continue
+        full = param_with_module_name(name, param_name)
+        if wrapped and _stored_as_is(store, full, param):
+            apply_stack(_param_message(full, param))
+        else:
+            pyro.param(full, param)
+
+
+def _stored_as_is(store, name: str, param) -> bool:
+    """The store holds ``param`` itself under ``name``, unconstrained: its constrained
+    value is ``param``."""
+    return store._params.get(name) is param and store._constraints.get(name) is constraints.real
+
+
+def _param_message(name: str, param) -> Message:
+    """The message ``pyro.param(name, param)`` sends, answering with ``param``."""
+    return Message(
+        type="param",
+        name=name,
+        fn=_as_stored,
+        is_observed=False,
+        args=(name, param),
+        kwargs={"constraint": constraints.real, "event_dim": None},
+        value=None,
+        scale=1.0,
+        mask=None,
+        cond_indep_stack=(),
+        done=False,
+        stop=False,
+        continuation=None,
+        infer={},
+    )
+
+
+def _as_stored(name, param, constraint=constraints.real, event_dim=None):
+    """The store's constrained value of an unconstrained ``param`` it holds: ``param``,
+    with the back-reference the store's ``__getitem__`` sets."""
+    param.unconstrained = weakref.ref(param)
+    return param
