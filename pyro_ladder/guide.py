@@ -9,6 +9,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ._compile import network_call
 from ._memo import Memo
 from .layers import MLP, GaussianBlock, GaussianHead, broadcast_cat
 from .merge import precision_weighted
@@ -51,6 +52,9 @@ class TopDownInference(nn.Module):
         self, x: torch.Tensor, c: torch.Tensor | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The "approximate likelihood" ``(mu_hat_n, sigma_hat_n)`` for n = 1..L, each (B, k_n)."""
+        return network_call(self, self._upward, x, c)  # compiled inside a compile scope
+
+    def _upward(self, x, c):
         out, d = [], x
         for block, head in zip(self.blocks, self.heads, strict=True):
             d = block(d if c is None else broadcast_cat(d, c))  # (B, h_n)

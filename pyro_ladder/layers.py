@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._compile import network_call
+
 
 class MLP(nn.Module):
     """Two dense layers, each ``Linear -> [BatchNorm] -> LeakyReLU`` (the paper's block).
@@ -79,6 +81,9 @@ class GaussianBlock(nn.Module):
         self.head = GaussianHead(hidden_dim, out_dim, var_floor)
 
     def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return network_call(self, self._forward, y)  # compiled inside a compile scope
+
+    def _forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.mlp(y))
 
 

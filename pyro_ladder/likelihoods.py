@@ -6,6 +6,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ._compile import network_call
 from .errors import ConfigError, DataError
 from .layers import MLP, GaussianBlock
 
@@ -32,8 +33,11 @@ class BernoulliLikelihood(nn.Module):
     def forward(self, z1: torch.Tensor, validate_args: bool | None = None) -> dist.Distribution:
         """``validate_args=False`` skips Pyro's checks of the logits and of the observed
         values, for callers that checked the data with :meth:`check` already."""
-        logits = self.logits(self.mlp(z1))  # (..., x_dim)
+        logits = network_call(self, self._logits, z1)  # (..., x_dim); compiled in a scope
         return dist.Bernoulli(logits=logits, validate_args=validate_args).to_event(1)
+
+    def _logits(self, z1: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.mlp(z1))
 
     @staticmethod
     def mean(d: dist.Distribution) -> torch.Tensor:

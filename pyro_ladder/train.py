@@ -42,6 +42,7 @@ def fit(
     *args,
     elbo: str | ELBO = "elbo",
     num_particles: int = 1,
+    compile: bool | dict = False,
     epochs: int = 10,
     batch_size: int = 100,
     lr: float = 1e-3,
@@ -69,6 +70,11 @@ def fit(
 
     :param elbo: an estimator name of :func:`~pyro_ladder.make_elbo` or a Pyro ELBO object.
     :param num_particles: samples per data point when ``elbo`` is a name.
+    :param compile: run the networks compiled with ``torch.compile`` (True, or a dict of its
+        options) while Pyro's tracing stays eager: ``make_elbo(elbo, num_particles,
+        compile=compile)`` (:mod:`pyro_ladder.elbo.compiled`). The first step compiles. For
+        an ``elbo`` object, wrap it yourself with
+        :class:`~pyro_ladder.elbo.CompiledNetworks`.
     :param warmup_epochs: KL warm-up length; the latent terms' weight is ``epoch / warmup_epochs``
         (see :mod:`pyro_ladder.warmup`). 0 disables warm-up.
     :param seed: seeds torch, Python and numpy through ``pyro.set_rng_seed``; None leaves them.
@@ -130,7 +136,12 @@ def fit(
     }
     if resume is None and seed is not None:
         pyro.set_rng_seed(seed)
-    loss_fn = make_elbo(elbo, num_particles) if isinstance(elbo, str) else elbo
+    if compile is not False and not isinstance(elbo, str):
+        raise ConfigError(
+            "compile applies to an estimator given by name; wrap an ELBO object yourself: "
+            "pyro_ladder.elbo.CompiledNetworks(elbo)"
+        )
+    loss_fn = make_elbo(elbo, num_particles, compile=compile) if isinstance(elbo, str) else elbo
     optim = optimizer if optimizer is not None else Adam({"lr": lr})
     if warmup_epochs:
         model, guide = with_kl_weight(model), with_kl_weight(guide)

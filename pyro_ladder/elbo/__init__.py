@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pyro.infer import ELBO
 
 from ..errors import ConfigError
+from .compiled import CompiledNetworks
 from .dreg import MIWAE_DReG, PIWAE_DReG
 from .enum import EnumELBO
 from .renyi import Renyi
@@ -39,6 +40,7 @@ from .weighted import (
 
 __all__ = [
     "CIWAE",
+    "CompiledNetworks",
     "CondKLSemiGradient",
     "EnumELBO",
     "PIWAE",
@@ -119,17 +121,21 @@ ESTIMATORS: dict[str, Estimator] = {
 }
 
 
-def make_elbo(name: str, num_particles: int = 1, **options) -> ELBO:
+def make_elbo(name: str, num_particles: int = 1, compile=False, **options) -> ELBO:
     """The estimator called ``name``, drawing ``num_particles`` samples per data point.
 
     Particles are vectorized (one pass with a leading particle dimension) unless
     ``vectorize_particles=False`` is given. The ``jit-*`` estimators compile once per batch
     shape and silence the JIT's tracer warnings unless ``ignore_jit_warnings=False``.
-    Other ``options`` go to the Pyro class, e.g. ``max_plate_nesting`` or, for
+    ``compile=True`` (or a dict of ``torch.compile`` options, e.g.
+    ``{"backend": "aot_eager"}``) runs the ladder's networks compiled while Pyro's tracing
+    stays eager (:mod:`pyro_ladder.elbo.compiled`); the first step of each batch shape
+    compiles. Other ``options`` go to the Pyro class, e.g. ``max_plate_nesting`` or, for
     ``"renyi"``, ``alpha``. Known names: see
     :data:`ESTIMATORS` or :func:`describe_estimators`.
 
-    :raises ConfigError: for an unknown name, a bad particle count or an unknown option.
+    :raises ConfigError: for an unknown name, a bad particle count, an unknown option or a
+        ``compile`` that is neither a bool nor a dict.
     """
     if name not in ESTIMATORS:
         raise ConfigError(f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}")
@@ -151,7 +157,29 @@ def make_elbo(name: str, num_particles: int = 1, **options) -> ELBO:
         # shape checks in batch norm and plates trace to constants; the JIT says so at every
         # compile, which is expected here: batches keep one size (fit drops the ragged one)
         kwargs.setdefault("ignore_jit_warnings", True)
-    return est.cls(num_particles=num_particles, **kwargs)
+    compile_options = _compile_options(name, compile)
+    estimator = est.cls(num_particles=num_particles, **kwargs)
+    if compile_options is None:
+        return estimator
+    return CompiledNetworks(estimator, **compile_options)
+
+
+def _compile_options(name: str, compile) -> dict | None:
+    """``torch.compile`` options from ``make_elbo``'s ``compile`` (None: eager)."""
+    if compile is False:
+        return None
+    if name.startswith("jit-"):
+        raise ConfigError(
+            f"{name!r} compiles with the deprecated torch.jit.trace already; for the "
+            f"torch.compile path use {name[4:]!r} with compile=True"
+        )
+    if compile is True:
+        return {}
+    if isinstance(compile, dict):
+        return dict(compile)
+    raise ConfigError(
+        f"compile must be True, False or a dict of torch.compile options, got {compile!r}"
+    )
 
 
 def describe_estimators() -> str:
