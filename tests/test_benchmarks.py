@@ -9,7 +9,7 @@ import pytest
 import torch
 from pyro.infer import SVI
 
-from benchmarks import run
+from benchmarks import run, table
 from benchmarks.reference import ReferenceLadder
 from pyro_ladder import ConfigError, LadderVAE, evaluate, make_elbo
 
@@ -126,6 +126,34 @@ def test_runner_tiny_writes_every_part(tmp_path):
     assert [r["depth"] for r in scaling["step_vs_depth"]] == [1, 2]
     assert scaling["memory_vs_images"][0]["library_peak_rss_mb"] > 0
     assert {t["what"] for t in results["targets"]} >= {"elbo step (K=1)", "eval K=20 time"}
+    assert saved["conditions"]["device"] == "cpu" and saved["conditions"]["torch"]
+    # the page's table is made from this JSON by one command, between its markers
+    page = tmp_path / "performance.md"
+    page.write_text(f"# Performance\n\nbefore\n{table.START}\nstale\n{table.END}\nafter\n")
+    table.main([str(out), "--write", str(page)])
+    text = page.read_text()
+    assert "stale" not in text and text.startswith("# Performance\n\nbefore\n")
+    assert text.endswith(f"{table.END}\nafter\n")
+    first = steps[0]
+    assert f"| training step, `elbo` | {first['library_ms']:.1f} ms | " in text
+    assert "1 torch thread(s)" in text and "load average" in text
+
+
+@pytest.mark.slow
+def test_runner_compiled_part_runs(tmp_path):
+    """The compiled part on the tiny network with the cheapest backend (about a minute)."""
+    out = tmp_path / "compiled.json"
+    run.main(["--tiny", "--only", "compiled", "--compile-backend", "eager", "--out", str(out)])
+    rows = json.loads(out.read_text())["compiled"]
+    assert [r["estimator"] for r in rows] == ["elbo", "iwae", "iwae-dreg"]
+    assert all(r["reference_compiled_ms"] > 0 and r["library_compile_s"] > -1 for r in rows)
+
+
+def test_runner_refuses_a_cuda_device_it_does_not_have():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        run.parse_args(["--device", "cuda"])
 
 
 def test_runner_rejects_unknown_parts():
