@@ -23,6 +23,7 @@ import weakref
 import torch
 import torch._functorch.config
 from torch import nn
+from torch.distributions import Distribution
 
 _SCOPES: list[tuple] = []  # torch.compile options of the open scopes, innermost last
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {key: fn}
@@ -54,7 +55,13 @@ def network_call(module: nn.Module, fn, *inputs):
         return fn(*inputs)
     key = (fn.__name__, _SCOPES[-1])
     table = _COMPILED.setdefault(module, {})
-    compiled = table.get(key)
-    if compiled is None:
-        compiled = table[key] = torch.compile(fn, **dict(_SCOPES[-1]))
-    return compiled(*inputs)
+    # dynamo's first use switches torch.distributions' argument validation off for the
+    # whole process (TorchPatcher); Pyro's validation rests on it: keep it as it was
+    validate = Distribution._validate_args
+    try:
+        compiled = table.get(key)
+        if compiled is None:
+            compiled = table[key] = torch.compile(fn, **dict(_SCOPES[-1]))
+        return compiled(*inputs)
+    finally:
+        Distribution._validate_args = validate

@@ -81,6 +81,18 @@ def test_networks_stay_eager_outside_the_estimator():
     assert not any("compiled" in type(m).__name__.lower() for m in vae.modules())
 
 
+def test_compiling_leaves_distribution_validation_as_it_was():
+    """torch.compile's first use turns torch.distributions' validation off for the whole
+    process; Pyro's validation (and fit's divergence checks) rest on it."""
+    vae = _vae()
+    make_elbo("elbo", compile={"backend": "eager"}).loss(vae.model, vae.guide, _x())
+    assert (
+        torch.distributions.Distribution._validate_args == pyro.infer.util.is_validation_enabled()
+    )
+    with pytest.raises(ValueError, match="scale"):
+        torch.distributions.Normal(0.0, -1.0)
+
+
 def test_fit_with_compile_trains_as_eager():
     data = (torch.rand(24, 12, generator=torch.Generator().manual_seed(3)) < 0.5).float()
     runs = []
