@@ -92,7 +92,8 @@ def rows(results: dict) -> list[list[str]]:
                 f"{r['reference_compile_s']:.0f} s",
                 "",
                 "",
-                f"pays off after {pays} steps" if pays else "does not pay off",
+                f"eager library {r['library_eager_ms']:.1f} ms: "
+                + (f"pays off after {pays} steps" if pays else "does not pay off"),
             ]
         )
     return out
