@@ -129,10 +129,12 @@ def test_runner_tiny_writes_every_part(tmp_path):
     assert saved["conditions"]["device"] == "cpu" and saved["conditions"]["torch"]
     # the page's table is made from this JSON by one command, between its markers
     page = tmp_path / "performance.md"
-    page.write_text(f"# Performance\n\nbefore\n{table.START}\nstale\n{table.END}\nafter\n")
+    page.write_text(
+        f"# Performance\n\nbefore\n{table.START}\nOLD-TABLE-CONTENT\n{table.END}\nafter\n"
+    )
     table.main([str(out), "--write", str(page)])
     text = page.read_text()
-    assert "stale" not in text and text.startswith("# Performance\n\nbefore\n")
+    assert "OLD-TABLE-CONTENT" not in text and text.startswith("# Performance\n\nbefore\n")
     assert text.endswith(f"{table.END}\nafter\n")
     first = steps[0]
     assert f"| training step, `elbo` | {first['library_ms']:.1f} ms | " in text
