@@ -74,7 +74,7 @@ fi
 [ -f "$WORK/cli_run/metrics.json" ] && cp "$WORK/cli_run/metrics.json" "$WORK/cli.json"
 part eval 90 $PY benchmarks/gpu_check.py eval --device "$DEVICE" --data-dir "$DATA_DIR" \
     ${tiny[@]+"${tiny[@]}"} --out "$WORK/eval.json"
-if [ "$TINY" = 1 ]; then bench_size=(--tiny); else bench_size=(--repeats 20); fi
+if [ "$TINY" = 1 ]; then bench_size=(--tiny); else bench_size=(--repeats "${REPEATS:-20}"); fi
 part bench 150 $PY -m benchmarks --only train,eval --threads "$OMP_NUM_THREADS" \
     --device "$DEVICE" --data-dir "$DATA_DIR" "${bench_size[@]}" --out "$OUT/benchmark.json"
 [ -f "$OUT/benchmark.json" ] && cp "$OUT/benchmark.json" "$WORK/bench.json"
