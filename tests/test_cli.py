@@ -292,3 +292,26 @@ def test_a_warm_up_longer_than_training_is_warned_about_and_recorded(tmp_path, c
     assert _run([*argv, "--num-samples", "5", "--no-progress"], capsys)[0] == 0
     assert json.loads((rep / "report.json").read_text())["notes"] == [note]
     assert f"**Warning:** {note}" in (rep / "report.md").read_text()
+
+
+def test_compile_reaches_fit_and_is_refused_with_lightning(tmp_path, capsys, monkeypatch):
+    import pyro_ladder.runs.training as training
+
+    seen = {}
+
+    class _Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(training, "fit", stop)
+    with pytest.raises(_Stop):
+        main(["train", "--compile", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "a")])
+    assert seen["compile"] is True
+    status, _, err = _run(
+        ["train", "--compile", "--devices", "2", "--out", str(tmp_path / "b")], capsys
+    )
+    _assert_clean_error(status, err, "--compile")
+    assert not (tmp_path / "b").exists() or list((tmp_path / "b").iterdir()) == []

@@ -121,6 +121,13 @@ def _add_train(sub):
         "estimators only); the monitor and the evaluation score the plain ELBO (default 0: off)",
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        default=_DEFAULT.compile,
+        help="run the networks compiled with torch.compile while Pyro's tracing stays eager "
+        "(same values and gradients; the first step compiles, minutes on a CPU; one process)",
+    )
+    p.add_argument(
         "--eval-samples",
         type=_positive_int,
         default=_DEFAULT.eval_samples,

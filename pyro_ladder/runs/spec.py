@@ -66,6 +66,7 @@ class RunSpec:
     warmup_epochs: int | None = None  # None: a tenth of the epochs, as in the paper
     batch_norm: bool | None = None  # None: on for MLPs (the paper's choice), off for conv
     free_bits: float = 0.0  # KL floor per latent layer in nats (Kingma et al. 2016); 0: off
+    compile: bool = False  # networks through torch.compile, Pyro's tracing eager (same numbers)
     eval_samples: int = 5000  # importance samples K of the final test log p(x)
     eval_limit: int | None = None  # score the first N test images only; None: all
     seed: int = 0  # seeds the model's initial weights and training

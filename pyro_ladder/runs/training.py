@@ -179,6 +179,11 @@ def checked_test_set(spec: RunSpec, vae, data) -> torch.Tensor:
         spec.checkpoint_every, spec.seed,
     )  # fmt: skip
     check_free_bits(spec.free_bits, spec.elbo)
+    if spec.compile and spec.distributed:
+        raise ConfigError(
+            "argument `compile` runs in one process for now: drop it, or the options that "
+            "start Lightning"
+        )
     if spec.free_bits and spec.distributed:
         raise ConfigError(
             "argument `free_bits` runs in one process for now: drop it, or the options "
@@ -227,7 +232,7 @@ def _train_one(spec, vae, data, test, meta, out, training, echo) -> dict:
             seed=spec.seed, binarize=dynamic_binarization(data.kind, spec.likelihood),
             monitor=test[:MONITOR_ROWS], progress=spec.progress, tensorboard=spec.tensorboard,
             checkpoint=saver, checkpoint_every=spec.checkpoint_every, resume=training,
-            free_bits=spec.free_bits,
+            free_bits=spec.free_bits, compile=spec.compile,
         )  # fmt: skip
     except TrainingError as err:
         raise TrainingError(f"{err}. {saver.where()}") from None
@@ -366,6 +371,7 @@ def _metrics(spec, vae, result, train_seconds, num_test) -> dict:
         "epochs": spec.epochs,
         "warmup_epochs": spec.warmup_epochs,
         "free_bits": spec.free_bits,
+        "compile": spec.compile,
         "batch_size": spec.batch_size,
         "lr": spec.lr,
         "seed": spec.seed,
