@@ -191,3 +191,126 @@ def test_dreg_would_be_biased_under_batch_norm(monkeypatch):
     monkeypatch.setattr(weighted, "check_own_sample_only", lambda *a: None)
     vae = _vae()
     assert _max_z(_draws(vae, "iwae-dreg", 1500), _draws(vae, "iwae", 1500)) > 5.0
+
+
+# ---- the probes follow the modules that ran; discrete samples; batch norm that reads x
+
+
+def test_plain_functions_are_probed_again_when_a_network_changes_mode():
+    """The probe's answer is keyed on the train/eval mode of every module that ran, not
+    only those behind bound methods: probed in eval mode, then refused in training mode."""
+    torch.manual_seed(0)
+    pair = _UserPair().double()
+    model, guide = _functions(pair)
+    elbo = make_elbo("iwae-dreg", 4)
+    pair.eval()
+    elbo.loss_and_grads(model, guide, X)
+    pair.train()
+    with pytest.raises(ConfigError, match="depends on other samples of site 'z'"):
+        elbo.loss_and_grads(model, guide, X)
+
+
+class _DiscretePair(nn.Module):
+    """A categorical latent per data point embedded and decoded through a network with
+    batch norm (particles folded into its batch); ``encoder_bn``: a batch norm on ``x``
+    in the guide (reads no sample)."""
+
+    def __init__(self, decoder_bn=True, encoder_bn=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(3, 2)
+        self.dec = nn.Sequential(nn.BatchNorm1d(2) if decoder_bn else nn.Identity(),
+                                 nn.Linear(2, 4))  # fmt: skip
+        self.enc = nn.Sequential(nn.BatchNorm1d(4) if encoder_bn else nn.Identity(),
+                                 nn.Linear(4, 3))  # fmt: skip
+
+    def model(self, x):
+        pyro.module("disc", self)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Categorical(logits=x.new_zeros(3)))
+            h = self.emb(z).reshape(-1, 2)
+            logits = self.dec(h).reshape(*z.shape, 4)
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("disc", self)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Categorical(logits=self.enc(x)))
+
+
+def test_vimco_refuses_batch_norm_that_couples_discrete_samples():
+    pair = _DiscretePair().double()
+    model, guide = (lambda x: pair.model(x)), (lambda x: pair.guide(x))  # not bound methods
+    pyro.set_rng_seed(0)
+    with pytest.raises(ConfigError, match="change with particle 0's samples of 'z'"):
+        make_elbo("vimco", 4, max_plate_nesting=1).loss_and_grads(model, guide, X)
+    assert all(p.grad is None for p in pair.parameters())
+    with pytest.raises(ConfigError, match=r"BatchNorm1d\) is in training mode"):  # by name
+        make_elbo("vimco", 4, max_plate_nesting=1).loss_and_grads(pair.model, pair.guide, X)
+    pair.dec[0].eval()  # its batch norm in eval mode: no coupling, served
+    pyro.set_rng_seed(0)
+    make_elbo("vimco", 4, max_plate_nesting=1).loss_and_grads(model, guide, X)
+    assert pair.emb.weight.grad.abs().sum() > 0
+
+
+def test_the_discrete_probe_leaves_the_running_statistics_alone():
+    """An uncoupled pair whose guide has batch norm on x, in training mode: the probe's
+    extra pass does not count as a batch."""
+    pair = _DiscretePair(decoder_bn=False, encoder_bn=True).double()
+    pyro.set_rng_seed(0)
+    make_elbo("vimco", 4, max_plate_nesting=1).loss_and_grads(pair.model, pair.guide, X)
+    assert pair.enc[0].num_batches_tracked.item() == 1
+
+
+def test_batch_norm_that_reads_only_x_is_served_by_the_estimators():
+    """A bound-method pair whose only batch norm is in the encoder's pass over x couples
+    no particles: the estimators serve it (the run layers' early structural check, made
+    for the ladder's batch norm on samples, still refuses it)."""
+    pair = _DiscretePair(decoder_bn=False, encoder_bn=True).double()
+    with pytest.raises(ConfigError, match="training mode"):
+        make_elbo("vimco", 4).check_pair(pair.model, pair.guide)
+    torch.manual_seed(0)
+    enc_bn = _EncoderBN().double()
+    pyro.set_rng_seed(0)
+    make_elbo("iwae-dreg", 4).loss_and_grads(enc_bn.model, enc_bn.guide, X)
+    assert enc_bn.enc[0].weight.grad.abs().sum() > 0
+
+
+class _EncoderBN(nn.Module):
+    """Gaussian latent; the guide normalizes x with batch norm; the decoder has none."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 4))
+        self.dec = nn.Linear(2, 4)
+
+    def model(self, x):
+        pyro.module("encbn", self)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.dec(z)).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("encbn", self)
+        loc, raw = self.enc(x).chunk(2, -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.1).to_event(1))
+
+
+@pytest.mark.slow
+def test_batch_norm_on_x_leaves_iwae_dreg_unbiased():
+    """The served pair above: iwae-dreg's mean gradient of the encoder (batch norm in
+    training mode) agrees with iwae's."""
+    torch.manual_seed(0)
+    pair = _EncoderBN().double()
+
+    def draws(name, seed):
+        elbo, out = make_elbo(name, 4, max_plate_nesting=1), []
+        for r in range(1500):
+            pair.zero_grad(set_to_none=True)
+            pyro.set_rng_seed(seed + r)
+            elbo.loss_and_grads(pair.model, pair.guide, X)
+            out.append(torch.cat([p.grad.flatten() for p in pair.enc.parameters()]))
+        return torch.stack(out)
+
+    assert _max_z(draws("iwae-dreg", 0), draws("iwae", 10**6)) < 5.0

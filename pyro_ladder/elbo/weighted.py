@@ -95,7 +95,13 @@ from .._traces import (
     weight_layout,
 )
 from ..errors import ConfigError
-from .coupling import check_no_training_batch_norm, check_own_sample_only, signature
+from .coupling import (
+    check_discrete_own_particle,
+    check_no_training_batch_norm,
+    check_own_sample_only,
+    modules_run,
+    signature,
+)
 from .scoped import ScopedELBO
 from .surrogate import value_with_gradient
 
@@ -217,8 +223,9 @@ class WeightedELBO(ScopedELBO, ELBO):
         """The loss as a 0-dim tensor: its value is :meth:`loss`'s on these draws, its
         gradient the one :meth:`loss_and_grads` accumulates. For training loops that call
         ``backward`` themselves (PyTorch Lightning, ``DistributedDataParallel``)."""
-        draws = self._draw(model, guide, args, kwargs)
-        self.check_draws(draws, (model, guide, args, kwargs))
+        with modules_run() as ran:  # the networks the pair ran, for the coupling probes
+            draws = self._draw(model, guide, args, kwargs)
+        self.check_draws(draws, (model, guide, args, kwargs), ran)
         log_w = draws.log_w.detach()  # (S, B)
         scale = draws.layout.scale
         value, surrogate = self.value(log_w), self.surrogate(draws, log_w)
@@ -240,22 +247,29 @@ class WeightedELBO(ScopedELBO, ELBO):
         if self.needs_independent_particles:
             check_no_training_batch_norm(self._name(), model, guide)
 
-    def check_draws(self, draws: _Draws, call) -> None:
+    def check_draws(self, draws: _Draws, call, ran=()) -> None:
         """Refuse draws the estimator cannot serve, before any gradient: for the DReG
-        family :meth:`check_pair` and, once per pair and mode, the autograd probe of
-        :mod:`.coupling` (whose answer is remembered on the instance)."""
+        family the probes of :mod:`.coupling`, once per :func:`~.coupling.signature`
+        (remembered on the instance; ``ran``: the modules that ran in the draw). A coupling
+        found in a pair with batch norm in training mode is refused by the layer's name
+        (:meth:`check_pair`); batch norm that couples nothing is served."""
         if not self.needs_independent_particles:
             return
         model, guide, args, kwargs = call
-        self.check_pair(model, guide)
-        key = signature(model, guide, args, kwargs)
+        key = signature(model, guide, args, kwargs, ran)
         probed = self.__dict__.setdefault("_probed", set())
-        if key not in probed:
+        if key in probed:
+            return
+        try:
             check_own_sample_only(
                 self._name(), draws.log_w, draws.guide_trace, draws.latents,
                 draws.nesting, draws.layout.joint,
             )  # fmt: skip
-            probed.add(key)
+            check_discrete_own_particle(self._name(), draws, ran)
+        except ConfigError:
+            self.check_pair(model, guide)  # names the batch norm layer, if that is the cause
+            raise
+        probed.add(key)
 
     def _name(self) -> str:
         return getattr(self, "label", type(self).__name__)
