@@ -149,8 +149,10 @@ def _other_first_particle(site, nesting: int) -> torch.Tensor:
     event = fn.event_dim
     if value.dim() - event != nesting + 1 or value.shape[0] < 2:
         return value  # no particle dimension: shared by all particles
-    if fn.has_enumerate_support:
-        support = fn.enumerate_support(expand=False)  # (n, 1, ..., 1, event)
+    support = fn.enumerate_support(expand=False) if fn.has_enumerate_support else None
+    if support is not None and support.shape[0] < 2:
+        return value  # one value: nothing to change
+    if support is not None:  # (n, 1, ..., 1, event)
         first, second = support[0].expand_as(value), support[1].expand_as(value)
         same = value == first
         if event:

@@ -242,7 +242,8 @@ class WeightedELBO(ScopedELBO, ELBO):
 
     def check_pair(self, model, guide) -> None:
         """Refuse, before any draw, a pair this estimator cannot serve: for the DReG family,
-        modules with batch norm in training mode (:mod:`.coupling`). Run layers call it
+        modules with batch norm in training mode (:mod:`.coupling`; structural, stricter than
+        the probes: it also refuses batch norm that reads no sample). Run layers call it
         before they write anything."""
         if self.needs_independent_particles:
             check_no_training_batch_norm(self._name(), model, guide)
