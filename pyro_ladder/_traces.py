@@ -269,7 +269,7 @@ _ROLES_CACHE: collections.OrderedDict = collections.OrderedDict()
 _ROLES_CACHE_SIZE = 16
 
 
-def parameter_roles(model, guide, args, kwargs, traces=None) -> Roles:
+def parameter_roles(model, guide, args, kwargs, traces=None, refresh=False) -> Roles:
     """:class:`Roles` of a pair's parameters, found by autograd dependence, never by
     where a parameter is registered (a module registered whole in both the model and the
     guide, a ``PyroModule`` or ``pyro.param`` give the same roles as per-network
@@ -279,15 +279,43 @@ def parameter_roles(model, guide, args, kwargs, traces=None) -> Roles:
     of its parameters) gives ``log q`` plus the guide's reparameterized samples, and the
     model's ``log p(x, z~)`` at detached samples ``z~``; a parameter whose gradient of one
     of them is ``None`` does not feed it. The answer is cached per pair (the identity of
-    ``model`` and ``guide``) and parameter set (the tensors the pair registers and their
+    ``model`` and ``guide``), parameter set (the tensors the pair registers and their
     ``requires_grad``), read from ``traces`` (``(guide_trace, model_trace)`` of the
-    caller's pass) or from one trace of each; a pair rebuilt at every call (a new lambda)
-    is examined at every call. Parameters that take no gradient have no role, nor do
-    parameters neither side depends on.
+    caller's pass) or from one trace of each, and the structure of the arguments
+    (:func:`_arg_signature`: which are ``None``, tensor shapes, dtypes and devices, other
+    values), since which parameters a pair uses may depend on them (an optional condition
+    that switches a prior network on). A pair rebuilt at every call (a new lambda) is
+    examined at every call; ``refresh`` examines it again whatever the cache holds (a
+    caller that saw a parameter without a role reached by its live pass). Parameters that
+    take no gradient have no role, nor do parameters neither side depends on.
     """
     if traces is None:
         with _quiet_pass(model, guide):
             traces = particle_traces(model, guide, args, kwargs)
+    params = live_parameters(traces)
+    key = (
+        _identity(model),
+        _identity(guide),
+        tuple((n, id(t)) for n, t in params.items()),
+        _arg_signature((args, kwargs), objects := []),
+    )
+    entry = None if refresh else _ROLES_CACHE.get(key)
+    if entry is not None and entry[0]() is not None and entry[1]() is not None:
+        _ROLES_CACHE.move_to_end(key)
+        return entry[3]
+    roles = _roles_by_dependence(model, guide, args, kwargs, params)
+    refs = (_weak(model), _weak(guide))
+    if refs[0] is not None and refs[1] is not None:
+        # the entry holds the key's tensors and objects, so their ids cannot pass to new ones
+        _ROLES_CACHE[key] = (*refs, (tuple(params.values()), objects), roles)
+        while len(_ROLES_CACHE) > _ROLES_CACHE_SIZE:
+            _ROLES_CACHE.popitem(last=False)
+    return roles
+
+
+def live_parameters(traces) -> dict:
+    """``{name: tensor}`` of the parameters with ``requires_grad`` that ``traces`` register
+    (one entry per tensor)."""
     store = dict(pyro.get_param_store().named_parameters())
     params, seen = {}, set()  # one entry per tensor: it may be registered under two names
     for trace in traces:
@@ -296,19 +324,27 @@ def parameter_roles(model, guide, args, kwargs, traces=None) -> Roles:
             if tensor is not None and tensor.requires_grad and id(tensor) not in seen:
                 params[name] = tensor
                 seen.add(id(tensor))
-    key = (_identity(model), _identity(guide), tuple((n, id(t)) for n, t in params.items()))
-    entry = _ROLES_CACHE.get(key)
-    if entry is not None and entry[0]() is not None and entry[1]() is not None:
-        _ROLES_CACHE.move_to_end(key)
-        return entry[3]
-    roles = _roles_by_dependence(model, guide, args, kwargs, params)
-    refs = (_weak(model), _weak(guide))
-    if refs[0] is not None and refs[1] is not None:
-        # the entry holds the key's tensors, so their ids cannot pass to new tensors
-        _ROLES_CACHE[key] = (*refs, tuple(params.values()), roles)
-        while len(_ROLES_CACHE) > _ROLES_CACHE_SIZE:
-            _ROLES_CACHE.popitem(last=False)
-    return roles
+    return params
+
+
+def _arg_signature(value, objects: list):
+    """A hashable description of the structure of a call's arguments: ``None``, a
+    tensor's shape, dtype, device and ``requires_grad``, a number's or string's value,
+    containers element by element; any other object by its type and identity (a new
+    object is a new structure: roles are found again, which costs one pass, never a
+    wrong answer). Such objects are appended to ``objects``, which the cache entry holds
+    so that their identities cannot pass to new objects."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return (type(value).__name__, value)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_arg_signature(v, objects) for v in value))
+    if isinstance(value, dict):
+        items = sorted(value.items(), key=lambda kv: repr(kv[0]))
+        return ("dict", tuple((repr(k), _arg_signature(v, objects)) for k, v in items))
+    objects.append(value)
+    return ("object", type(value).__qualname__, id(value))
 
 
 def _roles_by_dependence(model, guide, args, kwargs, params: dict) -> Roles:

@@ -83,6 +83,7 @@ from .._traces import (
     check_guide_covers_model,
     check_reparameterized,
     latent_sites,
+    live_parameters,
     log_density,
     max_plate_nesting,
     own_scale,
@@ -145,10 +146,22 @@ class _Draws:
         that differs between sites, or between the elements of one site, is refused."""
         return common_kl_weight(self.guide_trace)
 
-    def roles(self):
+    def roles(self, refresh=False):
         """:func:`~pyro_ladder._traces.parameter_roles` of the pair, keyed by this pass's
-        parameters."""
-        return parameter_roles(*self._call, traces=(self.guide_trace, self.model_trace))
+        parameters (found again when ``refresh``; the fixed-sample passes, which froze the
+        old model parameters, are then dropped too)."""
+        if refresh:
+            self._fixed.clear()
+        traces = (self.guide_trace, self.model_trace)
+        return parameter_roles(*self._call, traces=traces, refresh=refresh)
+
+    def without_role(self, roles) -> dict:
+        """``{name: tensor}`` of the parameters this pass registers (with
+        ``requires_grad``) that ``roles`` leave out: those neither side depends on, or
+        roles gone stale."""
+        placed = {id(t) for group in roles for t in group.values()}
+        params = live_parameters((self.guide_trace, self.model_trace))
+        return {n: t for n, t in params.items() if id(t) not in placed}
 
     @property
     def log_w(self) -> torch.Tensor:
@@ -314,23 +327,55 @@ class WeightedELBO(ScopedELBO, ELBO):
         ``sum_p <g_p, p>`` with ``g`` held fixed, without forming it), so a later
         ``backward`` gives every parameter exactly its group's gradient.
         """
-        guide_only, model_params, _ = draws.roles()
+        found = self._group_gradients(draws, draws.roles(), guide_coeffs, model_coeffs)
+        if isinstance(found, list):  # the live pass reaches parameters without a role
+            found = self._group_gradients(
+                draws, draws.roles(refresh=True), guide_coeffs, model_coeffs
+            )
+        if isinstance(found, list):
+            raise ConfigError(
+                f"{self._name()}: the pass reaches parameters {found[:3]} that the "
+                "dependence pass of parameter_roles (eval mode, its own random numbers) "
+                "does not: the pair's structure must not depend on random draws or on "
+                "training mode; train it with 'iwae' or 'elbo', which need no roles"
+            )
+        params, grads = found
+        if not params:
+            return draws.log_p.new_zeros(())
+        return _GivenGradients.apply(tuple(grads), *params)
+
+    def _group_gradients(self, draws, roles, guide_coeffs, model_coeffs):
+        """``(params, grads)`` of :meth:`_split_surrogate`, or a list of the names of the
+        parameters that the live pass reaches but ``roles`` leave out (their gradients
+        would be lost).
+
+        The check costs no extra backward: the guide group's ``autograd.grad`` also asks
+        for those parameters, and its surrogate holds ``log w`` of the live pass, which
+        reaches every parameter either side uses."""
+        guide_only, model_params, _ = roles
+        unplaced = draws.without_role(roles)
         frozen = list(model_params.values())
         groups = [(guide_only, guide_coeffs, True), (model_params, model_coeffs, False)]
         params, grads = [], []
         for group, coeffs, retain in groups:
             tensors = [p for p in group.values() if p.requires_grad]
+            extra = unplaced if retain else {}  # asked once, of the guide group's pass
             surrogate = self._surrogate(draws, *coeffs, frozen=frozen if retain else None)
-            if not tensors or not surrogate.requires_grad:
+            if not (tensors or extra) or not surrogate.requires_grad:
                 continue
-            found = torch.autograd.grad(surrogate, tensors, retain_graph=retain, allow_unused=True)
-            for param, grad in zip(tensors, found, strict=True):
+            found = torch.autograd.grad(
+                surrogate, tensors + list(extra.values()), retain_graph=retain, allow_unused=True
+            )
+            reached = [
+                n for n, g in zip(extra, found[len(tensors) :], strict=True) if g is not None
+            ]
+            if reached:
+                return reached
+            for param, grad in zip(tensors, found, strict=False):
                 if grad is not None:
                     params.append(param)
                     grads.append(grad)
-        if not params:
-            return draws.log_p.new_zeros(())
-        return _GivenGradients.apply(tuple(grads), *params)
+        return params, grads
 
     def _get_trace(self, model, guide, args, kwargs):
         """One ``(model_trace, guide_trace)`` pair, for Pyro's generic ELBO helpers."""
