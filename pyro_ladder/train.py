@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import math
@@ -101,8 +102,9 @@ def fit(
         then, so the device need not wait for the host every step; a non-finite one still
         stops training at that read, naming the step that produced it. Pyro's own
         estimators return the loss as a Python number (they read it every step), which is
-        checked at once. Checkpoints read it first, so a saved state never follows a
-        non-finite loss.
+        checked at once. Checkpoints read it first, and check that the parameters and the
+        optimizer state are finite, so a saved state never follows a non-finite loss nor
+        holds a NaN (a finite loss with an infinite gradient).
     :param resume: a training state saved by ``checkpoint`` (with the weights it was saved
         with already loaded): training continues from that point with the same random
         numbers, so the run ends bitwise equal to one that was never interrupted. The
@@ -114,7 +116,8 @@ def fit(
     :returns: one dict per epoch: ``epoch``, ``loss`` (nats per example, the warmed-up
         and floored negative objective), ``kl_weight``, ``seconds``, and with ``monitor`` also
         ``monitor_elbo`` and ``kl_<site>``.
-    :raises TrainingError: when the loss becomes NaN or infinite (the message names the step;
+    :raises TrainingError: when the loss becomes NaN or infinite, or a checkpoint would save
+        non-finite parameters or optimizer state (the message names the step;
         ``checkpoint`` is not called again, so the last good state stays on disk).
     """
     check_fit_options(data, epochs, batch_size, lr, warmup_epochs, checkpoint_every, seed)
@@ -287,6 +290,11 @@ class _Run:
         if self.checkpoint is None:
             return
         self._sync()  # a state is saved only after its losses were seen to be finite
+        optimizer = copy.deepcopy(self.svi.optim.get_state())
+        # a finite loss does not make finite parameters: an infinite gradient (sqrt at 0)
+        # lets the optimizer write NaN, seen only by the next step's loss
+        if not all_finite([*pyro.get_param_store().named_parameters(), optimizer]):
+            raise diverged(self._last_step(), what="the parameters or the optimizer state")
         self.checkpoint(
             {
                 "options": dict(self.options),
@@ -299,10 +307,18 @@ class _Run:
                     "epoch_rng": self.epoch_rng if self.step else None,
                 },
                 "history": [dict(r) for r in self.history],
-                "optimizer": copy.deepcopy(self.svi.optim.get_state()),
+                "optimizer": optimizer,
                 "rng": rng_state(),
             }
         )
+
+    def _last_step(self) -> str:
+        """Where the last step taken lies, for an error: "epoch E, step S"."""
+        if self.step == 0 and self.epoch == 0:
+            return "the start (before any step)"
+        if self.step == 0:  # an epoch just ended
+            return f"epoch {self.epoch}, step {self.steps} (or a step since the last checkpoint)"
+        return f"epoch {self.epoch + 1}, step {self.step} (or a step since the last checkpoint)"
 
     def restore(self, state: dict, epochs: int) -> None:
         """Continue from ``state`` (see :meth:`_save`); refuse it if the options differ."""
@@ -399,14 +415,31 @@ def guarded_loss(step, parameters):
         return None
 
 
-def diverged(where: str, loss: float | None = None) -> TrainingError:
-    """The error of a loss that became NaN or infinite (``loss``, if known) at ``where``
-    (e.g. "epoch 3, step 7"), naming the arguments that fix it."""
+def diverged(where: str, loss: float | None = None, what: str = "the loss") -> TrainingError:
+    """The error of a loss (or of ``what`` else) that became NaN or infinite (``loss``, if
+    known) at ``where`` (e.g. "epoch 3, step 7"), naming the arguments that fix it."""
     became = "non-finite" if loss is None else loss
     return TrainingError(
-        f"the loss became {became} at {where}: lower the learning rate (argument `lr`), "
+        f"{what} became {became} at {where}: lower the learning rate (argument `lr`), "
         "add warm-up (argument `warmup_epochs`), or check the data for extreme values"
     )
+
+
+def all_finite(state) -> bool:
+    """Whether every floating tensor in ``state`` (nested tuples, lists and dicts) is
+    finite, read with one host read per device (a checkpoint's cost, not a step's)."""
+    flags = collections.defaultdict(list)  # device -> per-tensor flags, on that device
+    stack = [state]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            if item.is_floating_point() or item.is_complex():
+                flags[item.device].append(torch.isfinite(item).all())
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
 def check_free_bits(free_bits, elbo) -> None:

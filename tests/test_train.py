@@ -131,3 +131,56 @@ def test_an_aggressive_learning_rate_gives_large_losses_not_nan(inference, likel
     vae = LadderVAE(64, (8, 4), (32, 16), inference=inference, likelihood=likelihood)
     history = fit(vae.model, vae.guide, x, epochs=3, batch_size=50, lr=1.0, progress=False)
     assert all(math.isfinite(r["loss"]) for r in history)
+
+
+def _sqrt_pair(start):
+    """A pair whose guide takes ``sqrt(s)``: at ``s = 0`` the loss is finite but the
+    gradient infinite, so Adam writes NaN into the parameters (no loss shows it yet)."""
+    import pyro.distributions as dist
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0]), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        s = pyro.param("s", torch.tensor(start, dtype=torch.float64))
+        m = pyro.param("m", torch.tensor(0.3, dtype=torch.float64))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(m + s.sqrt(), 1.0))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("sync_every", [1, 10])
+def test_a_checkpoint_never_saves_non_finite_parameters(sync_every):
+    x = torch.randn(40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    saved = []
+
+    def checkpoint(state):
+        values = [p.detach().clone() for p in pyro.get_param_store().values()]
+        saved.append((state["position"]["step"], values, state["optimizer"]))
+
+    def run(start):
+        pyro.clear_param_store()
+        saved.clear()
+        fit(*_sqrt_pair(start), x, epochs=1, batch_size=10, progress=False, seed=0,
+            checkpoint=checkpoint, checkpoint_every=1, sync_every=sync_every)  # fmt: skip
+
+    run(1.0)  # a finite gradient: a state after every step, the last at the epoch's end
+    assert [step for step, _, _ in saved] == [0, 1, 2, 3, 0]
+    with pytest.raises(TrainingError, match="parameters.*epoch 1, step 1 ") as caught:
+        run(0.0)
+    assert "argument `lr`" in str(caught.value)
+    assert [step for step, _, _ in saved] == [0]  # the state before any step stays the last
+    assert pyro.param("s").isnan()  # what would have been saved
+
+
+def test_all_finite_reads_nested_optimizer_state():
+    from pyro_ladder.train import all_finite
+
+    state = {"s": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}}}}
+    assert all_finite([("m", torch.ones(3)), state, {"lr": 0.1, "ids": torch.arange(3)}])
+    state["s"]["state"][0]["exp_avg"][1] = float("inf")
+    assert not all_finite([("m", torch.ones(3)), state])
+    assert not all_finite([("m", torch.tensor([0.0, float("nan")]))])
