@@ -49,7 +49,7 @@ from .data import binarize as binarize_pixels
 from .elbo import make_elbo
 from .elbo.surrogate import differentiable_loss
 from .errors import ConfigError
-from .train import check_fit_options, diverged, guarded_loss, monitor_record
+from .train import all_finite, check_fit_options, diverged, guarded_loss, monitor_record
 from .warmup import kl_weight, with_kl_weight
 
 try:
@@ -341,6 +341,13 @@ class LightningSVI(pl.LightningModule):
         if self.device.type == "cuda":
             rng["cuda"] = self._gather(torch.cuda.get_rng_state(self.device))
         position = {"epoch": epoch, "step": step, "seen": 0, "sums": self._gather(sums)}
+        optimizer = self.trainer.optimizers[0].state_dict()
+        # every process decides together (a lone raise would leave the others waiting)
+        bad = not all_finite([list(self.parameters()), optimizer])
+        if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+            where = f"{where} (or a step since the last checkpoint)"
+            raise diverged(where, what="the parameters or the optimizer state")
         if not self.trainer.is_global_zero:
             return
         self.checkpoint(
@@ -349,7 +356,7 @@ class LightningSVI(pl.LightningModule):
                 "options": dict(self.options),
                 "position": {**position, "seconds": time.perf_counter() - self._start},
                 "history": [dict(r) for r in self.history],
-                "optimizer": copy.deepcopy(self.trainer.optimizers[0].state_dict()),
+                "optimizer": copy.deepcopy(optimizer),
                 "rng": rng,
             }
         )

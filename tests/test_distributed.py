@@ -422,3 +422,36 @@ def test_a_two_process_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(
     a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True)["state_dict"]
             for n in ("killed", "whole"))  # fmt: skip
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class SqrtPair(nn.Module):
+    """``sqrt(s)`` at ``s = 0``: a finite loss, an infinite gradient, NaN after Adam."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.zeros((), dtype=torch.float64))
+        self.m = nn.Parameter(torch.full((), 0.3, dtype=torch.float64))
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0]), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(self, x):
+        pyro.module("sqrt_pair", self)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(self.m + self.s.sqrt(), 1.0))
+
+
+def test_a_lightning_checkpoint_never_saves_non_finite_parameters():
+    from pyro_ladder import TrainingError
+
+    pair, saved = SqrtPair(), []
+    x = torch.randn(40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with pytest.raises(TrainingError, match="parameters.*epoch 1, step 1 "):
+        fit_distributed(
+            pair.model, pair.guide, x, epochs=1, batch_size=10, accelerator="cpu", devices=1,
+            progress=False, checkpoint=lambda state: saved.append(state["position"]["step"]),
+            checkpoint_every=1,
+        )  # fmt: skip
+    assert saved == [0] and pair.s.isnan()
