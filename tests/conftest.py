@@ -1,8 +1,17 @@
+import os
+
 import pyro
 import pytest
 import torch
+from hypothesis import settings
 
 from pyro_ladder import LadderVAE
+
+# The default tier draws the same property-test examples on every run (a test tier must not
+# fail at random); HYPOTHESIS_PROFILE=explore draws new ones, to look for new failures.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 @pytest.fixture(autouse=True)

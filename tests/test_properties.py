@@ -173,6 +173,7 @@ def test_cli_random_option_values_give_one_clear_line(tmp_path_factory, capsys, 
         raise _Stop
 
     monkeypatch.setattr(training, "fit", stop)
+    capsys.readouterr()  # capsys spans every example: drop what an earlier one printed
     out = tmp_path_factory.mktemp("run")
     argv = ["train", "--out", str(out), "--no-progress", "--elbo", elbo]
     for key, value in options.items():
