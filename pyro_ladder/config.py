@@ -75,12 +75,7 @@ class LadderConfig:
     @classmethod
     def from_dict(cls, values: dict) -> LadderConfig:
         """Build a config, refusing keys it does not know (a misspelt key is an error)."""
-        if not isinstance(values, dict):
-            raise ConfigError(f"a config must be a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}; known keys are {sorted(known)}")
+        check_known_keys(cls, values)
         try:
             return cls(**values)
         except TypeError as err:  # a missing required key such as x_dim
@@ -135,3 +130,14 @@ def _check_positive(name, values):
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ConfigError(f"unknown {name} {value!r}; choose one of {list(choices)}")
+
+
+def check_known_keys(cls, values) -> None:
+    """Refuse a ``values`` that is not a mapping or names a field ``cls`` (a config
+    dataclass) does not have: a misspelt key is an error, never silently dropped."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"a config must be a mapping, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; known keys are {sorted(known)}")

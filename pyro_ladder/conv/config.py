@@ -6,7 +6,7 @@ import dataclasses
 import numbers
 from dataclasses import dataclass
 
-from ..config import INFERENCES, LIKELIHOODS
+from ..config import INFERENCES, LIKELIHOODS, check_known_keys
 from ..errors import ConfigError
 
 
@@ -74,12 +74,7 @@ class ConvLadderConfig:
     @classmethod
     def from_dict(cls, values: dict) -> ConvLadderConfig:
         """Build a config, refusing keys it does not know (a misspelt key is an error)."""
-        if not isinstance(values, dict):
-            raise ConfigError(f"a config must be a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}; known keys are {sorted(known)}")
+        check_known_keys(cls, values)
         return cls(**values)
 
 
