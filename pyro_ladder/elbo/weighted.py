@@ -236,7 +236,9 @@ class WeightedELBO(ScopedELBO, ELBO):
         """The loss as a 0-dim tensor: its value is :meth:`loss`'s on these draws, its
         gradient the one :meth:`loss_and_grads` accumulates. For training loops that call
         ``backward`` themselves (PyTorch Lightning, ``DistributedDataParallel``)."""
-        with modules_run() as ran:  # the networks the pair ran, for the coupling probes
+        # the networks the pair ran, for the coupling probes (only estimators that probe)
+        recorder = modules_run() if self.needs_independent_particles else contextlib.nullcontext(())
+        with recorder as ran:
             draws = self._draw(model, guide, args, kwargs)
         self.check_draws(draws, (model, guide, args, kwargs), ran)
         log_w = draws.log_w.detach()  # (S, B)
