@@ -42,7 +42,9 @@ MODELS = {  # name: (family, inference)
     "mlp-vae": ("mlp", "bottom-up"),
 }
 CONV_EVAL_ROWS = {"cpu": 2**10, "cuda": 2**14}  # a conv pass holds (rows, 32, 14, 14) maps
-SCALARS = ("test_log_likelihood", "test_elbo", "epochs", "steps", "train_seconds")
+SCALARS = (
+    "test_log_likelihood", "test_elbo", "epochs", "steps", "train_seconds", "train_cpu_seconds",
+)  # fmt: skip
 LAYERED = ("kl", "active_units")
 
 
@@ -56,7 +58,19 @@ def parse(argv=None):
         "--budget-seconds",
         type=float,
         default=40.0,
-        help="training wall-clock per run (stops within 10 steps after it, mid-epoch)",
+        help="training seconds per run (stops within 10 steps after it, mid-epoch)",
+    )
+    p.add_argument(
+        "--budget-clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="what the budget counts: wall-clock, or the worker's CPU seconds (one thread: "
+        "the fair budget when runs share the machine with other work)",
+    )
+    p.add_argument(
+        "--conv-channels",
+        default=None,
+        help="the conv ladder's channels per layer, e.g. 8,16,32 (default: conv-mnist's)",
     )
     p.add_argument("--epochs", type=int, default=10_000, help="an upper bound besides the budget")
     p.add_argument("--warmup-epochs", type=int, default=1)
@@ -108,7 +122,9 @@ def specs(args, data_paths: dict) -> list[dict]:
                     "name": f"{dataset}-{model}-s{seed}", "dataset": dataset, "model": model,
                     "family": family, "inference": inference, "seed": seed,
                     "device": args.device, "epochs": args.epochs,
-                    "budget_seconds": args.budget_seconds, "warmup_epochs": args.warmup_epochs,
+                    "budget_seconds": args.budget_seconds, "budget_clock": args.budget_clock,
+                    "warmup_epochs": args.warmup_epochs,
+                    "conv_channels": args.conv_channels if family == "conv" else None,
                     "batch_size": args.batch_size, "lr": args.lr,
                     "eval_samples": args.eval_samples,
                     "free_bits": args.free_bits if family == "conv" else 0.0,
@@ -122,8 +138,11 @@ def build(spec: dict, x_dim: int, image_shape) -> torch.nn.Module:
     """The run's model on its device (seeded, so a seed builds the same networks)."""
     pyro.set_rng_seed(spec["seed"])
     if spec["family"] == "conv":
+        sizes = {}
+        if spec.get("conv_channels"):
+            sizes["channels"] = tuple(int(c) for c in spec["conv_channels"].split(","))
         config = conv_preset(
-            "conv-mnist", image_shape=tuple(image_shape), inference=spec["inference"]
+            "conv-mnist", image_shape=tuple(image_shape), inference=spec["inference"], **sizes
         )
         vae = ConvLadderVAE.from_config(config)
     else:
@@ -174,8 +193,11 @@ def main(argv=None) -> dict:
 def table(summary: list[dict], failures: list[dict], args) -> str:
     """Markdown: one row per (data set, model), mean ± sd over seeds."""
     lines = [
-        f"Mean ± sd over seeds {args.seeds} (n per row); {args.budget_seconds:g} s of "
-        f"training per run on {args.device} ({args.jobs} runs at a time); log p(x) with "
+        f"Mean ± sd over seeds {args.seeds} (n per row); {args.budget_seconds:g} "
+        f"{'CPU ' if args.budget_clock == 'cpu' else ''}s of "
+        f"training per run on {args.device} ({args.jobs} runs at a time"
+        + (f"; conv channels {args.conv_channels}" if args.conv_channels else "")
+        + "); log p(x) with "
         f"K = {args.eval_samples} on the first {args.eval_limit} test images.",
         "",
         "| data | model | n | test log p(x) | test ELBO | KL per layer (nats) "
