@@ -184,8 +184,8 @@ def train(vae, data: dict, spec: dict) -> dict:
     many steps after the budget; the weights are those of the last step taken.
 
     :returns: ``epochs`` (fractional when stopped mid-epoch), ``steps``,
-        ``train_seconds``, ``train_cpu_seconds`` and ``final_train_loss`` (the loss of the last epoch, or of the
-        part of the epoch trained).
+        ``train_seconds``, ``train_cpu_seconds`` and ``final_train_loss`` (the loss of the
+        last epoch, or of the part of the epoch trained).
     """
     budget, last = spec.get("budget_seconds"), {}
     clock = CLOCKS[spec.get("budget_clock", "wall")]
