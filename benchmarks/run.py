@@ -240,9 +240,12 @@ class _Batches:
 
 
 def _train_fns(vae, ref, estimator, k, x_of, detail):
-    """Timed functions: a library step (``SVI`` with ``pyro_ladder.optim.Adam``) and a
-    reference step; with ``detail`` also the library step with ``pyro.optim.Adam`` (what
-    ``fit`` uses by default) and the gradients alone, without the optimizer step."""
+    """Timed functions: a library step (``SVI`` with ``pyro_ladder.optim.Adam``, fused on
+    CPUs and CUDA) and a reference step (``torch.optim.Adam`` with its defaults); with
+    ``detail`` also the library step with ``pyro.optim.Adam``, a reference step with
+    torch's fused Adam (a hand-written loop that asks for it: the library's own speed-up
+    made available to the reference) and the gradients alone, without the optimizer
+    step."""
     lib_name = "elbo" if estimator == "jit-elbo" else estimator
     svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-3}), make_elbo(estimator, k))
     opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
@@ -275,6 +278,9 @@ def _train_fns(vae, ref, estimator, k, x_of, detail):
             ref.iwae_loss(batch["x"], k).backward()
 
     fns["library_pyro_adam"] = lambda: pyro_svi.step(batch["x"])
+    ref_fused = ReferenceLadder.from_library(vae).to(DEVICE)
+    opt_fused = torch.optim.Adam(ref_fused.parameters(), lr=1e-3, fused=True)
+    fns["reference_fused"] = lambda: ref_fused.train_step(opt_fused, batch["x"], lib_name, k)
     if estimator != "jit-elbo":
         fns.update(library_grad=lib_grad, reference_grad=ref_grad)
     return fns
@@ -306,6 +312,8 @@ def _train_row(data, size, args, estimator, k, latent, hidden, repeats, detail=F
     if "library_pyro_adam" in t:
         row["library_pyro_adam_ms"] = 1e3 * t["library_pyro_adam"]
         row["ratio_pyro_adam"] = t["library_pyro_adam"] / t["reference"]
+        row["reference_fused_ms"] = 1e3 * t["reference_fused"]
+        row["ratio_fused_reference"] = t["library"] / t["reference_fused"]
     if "library_grad" in t:
         row["library_grad_ms"] = 1e3 * t["library_grad"]
         row["reference_grad_ms"] = 1e3 * t["reference_grad"]
@@ -331,8 +339,9 @@ def run_train(data, size, args) -> list:
         row["target"] = TARGETS.get(estimator)
         rows.append(row)
     _print_table(
-        "training step, median ms. library: SVI + pyro_ladder.optim.Adam; pyro_adam: SVI + "
-        "pyro.optim.Adam (fit's default); grad: the gradient alone, no optimizer step",
+        "training step, median ms. library: SVI + pyro_ladder.optim.Adam (fit's default); "
+        "pyro_adam: SVI + pyro.optim.Adam; reference_fused: the reference with torch's fused "
+        "Adam; grad: the gradient alone, no optimizer step",
         rows,
         [
             "estimator",
@@ -343,6 +352,8 @@ def run_train(data, size, args) -> list:
             "cpu_ratio",
             "library_pyro_adam_ms",
             "ratio_pyro_adam",
+            "reference_fused_ms",
+            "ratio_fused_reference",
             "library_grad_ms",
             "reference_grad_ms",
             "grad_ratio",

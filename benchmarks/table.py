@@ -47,6 +47,9 @@ def rows(results: dict) -> list[list[str]]:
                     cpu=False,
                 )
             )
+        if "reference_fused_ms" in r:
+            what = "... against a reference with torch's fused Adam"
+            out.append(_row(what, r, "library_ms", "reference_fused_ms", None, cpu=False))
     ev = results.get("eval")
     if ev:
         what = f"evaluation, K={ev['samples']}, {ev['images']} images"

@@ -49,6 +49,7 @@ from .data import binarize as binarize_pixels
 from .elbo import make_elbo
 from .elbo.surrogate import differentiable_loss
 from .errors import ConfigError
+from .optim import torch_adam
 from .train import all_finite, check_fit_options, diverged, guarded_loss, monitor_record
 from .warmup import kl_weight, with_kl_weight
 
@@ -258,7 +259,7 @@ class LightningSVI(pl.LightningModule):
         release_process_group()
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return torch_adam(self.parameters(), lr=self.lr)
 
     @property
     def epoch(self) -> int:
