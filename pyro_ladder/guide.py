@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pyro
-import pyro.distributions as dist
 import torch
 from torch import nn
 
 from ._compile import network_call
 from ._memo import Memo
-from .layers import MLP, GaussianBlock, GaussianHead, broadcast_cat
+from .layers import MLP, GaussianBlock, GaussianHead, broadcast_cat, gaussian
 from .merge import precision_weighted
 from .model import Generative
 
@@ -76,10 +75,10 @@ class TopDownInference(nn.Module):
         depth = len(heads)
         with pyro.plate("data", x.shape[0], dim=-1):
             loc, scale = heads[-1]
-            z = pyro.sample(f"z{depth}", dist.Normal(loc, scale).to_event(1))  # (..., B, k_L)
+            z = pyro.sample(f"z{depth}", gaussian(loc, scale))  # (..., B, k_L)
             for i in range(depth - 1, 0, -1):
                 loc, scale = precision_weighted(*generative.prior(i, z, c), *heads[i - 1])
-                z = pyro.sample(f"z{i}", dist.Normal(loc, scale).to_event(1))  # (..., B, k_i)
+                z = pyro.sample(f"z{i}", gaussian(loc, scale))  # (..., B, k_i)
 
 
 class BottomUpInference(nn.Module):
@@ -110,7 +109,7 @@ class BottomUpInference(nn.Module):
             z = x
             for i, block in enumerate(self.blocks, start=1):
                 loc, scale = block(z if c is None else broadcast_cat(z, c))
-                z = pyro.sample(f"z{i}", dist.Normal(loc, scale).to_event(1))  # (..., B, k_i)
+                z = pyro.sample(f"z{i}", gaussian(loc, scale))  # (..., B, k_i)
 
 
 INFERENCE = {"top-down": TopDownInference, "bottom-up": BottomUpInference}

@@ -11,7 +11,7 @@ from torch import nn
 
 from ._memo import Memo
 from .errors import DataError
-from .layers import GaussianBlock, GaussianHead, broadcast_cat
+from .layers import GaussianBlock, GaussianHead, broadcast_cat, gaussian
 from .likelihoods import make_likelihood
 
 if TYPE_CHECKING:  # annotations only: config imports the guide, which imports this module
@@ -73,9 +73,9 @@ class Generative(nn.Module):
         if self.top is not None:
             if c is None:
                 raise DataError("this model is conditional: p(z_L | c) needs the condition c")
-            return dist.Normal(*self.top(c)).to_event(1)
+            return gaussian(*self.top(c))
         zeros = like.new_zeros(self.top_dim)
-        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+        return gaussian(zeros, torch.ones_like(zeros))
 
     def observation(self, z1: torch.Tensor, c: torch.Tensor | None = None, **kwargs):
         """``p(x | z_1[, c])``, a distribution with event shape ``(x_dim,)``."""
@@ -92,6 +92,6 @@ class Generative(nn.Module):
             z = pyro.sample(f"z{self.depth}", self.top_prior(x, c))  # (..., B, k_L)
             for i in range(self.depth - 1, 0, -1):
                 loc, scale = self.prior(i, z, c)
-                z = pyro.sample(f"z{i}", dist.Normal(loc, scale).to_event(1))  # (..., B, k_i)
+                z = pyro.sample(f"z{i}", gaussian(loc, scale))  # (..., B, k_i)
             # x passed LadderVAE.check_data: Pyro need not validate it (or the logits) again
             pyro.sample("x", self.observation(z, c, validate_args=False), obs=x)

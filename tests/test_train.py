@@ -49,6 +49,21 @@ def test_non_finite_loss_stops_training_with_the_step():
     assert "argument `lr`" in str(caught.value) and "--" not in str(caught.value)
 
 
+@pytest.mark.parametrize("inference", ["top-down", "bottom-up"])
+@pytest.mark.parametrize("elbo", ["elbo", "iwae"])
+@pytest.mark.parametrize("where", ["guide", "prior"])
+def test_a_nan_in_a_latent_layer_stops_training_with_the_step(inference, elbo, where):
+    """The ladder's Gaussians skip torch's argument checks (layers.gaussian): a NaN in a
+    latent layer's network must still stop training at that step, through the loss."""
+    vae = LadderVAE(6, (3, 2), (8, 4), batch_norm=False, inference=inference)
+    nets = vae.generative.priors if where == "prior" else vae.inference
+    with torch.no_grad():
+        next(nets.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingError, match="epoch 1, step 1"):
+        fit(vae.model, vae.guide, _grey().round(), epochs=1, batch_size=20, progress=False,
+            elbo=elbo, num_particles=2 if elbo == "iwae" else 1)
+
+
 def test_an_invalid_value_with_finite_parameters_is_not_called_a_divergence():
     import pyro.distributions as dist
 

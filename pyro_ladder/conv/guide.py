@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pyro
-import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ..layers import gaussian
 from ..merge import precision_weighted
 from .blocks import ConvGaussianHead, Down, Embed
 from .config import ConvLadderConfig
@@ -59,12 +59,12 @@ class ConvTopDownInference(nn.Module):
         heads = self.upward(x)
         depth = len(heads)
         with pyro.plate("data", x.shape[0], dim=-1):
-            z = pyro.sample(f"z{depth}", dist.Normal(*heads[-1]).to_event(3))  # (..., B, k_L, r_L)
+            z = pyro.sample(f"z{depth}", gaussian(*heads[-1], 3))  # (..., B, k_L, r_L)
             h = None
             for i in range(depth - 1, 0, -1):
                 loc_p, scale_p, h = generative.prior(i, z, h)
                 loc, scale = precision_weighted(loc_p, scale_p, *heads[i - 1])
-                z = pyro.sample(f"z{i}", dist.Normal(loc, scale).to_event(3))  # (..., B, k_i, r_i)
+                z = pyro.sample(f"z{i}", gaussian(loc, scale, 3))  # (..., B, k_i, r_i)
 
 
 class ConvBottomUpInference(nn.Module):
@@ -98,13 +98,13 @@ class ConvBottomUpInference(nn.Module):
         """Sample ``z1`` .. ``z{L}`` given flat ``x (B, H * W)``; ``generative`` is unused."""
         with pyro.plate("data", x.shape[0], dim=-1):
             e = self.blocks[0](_image(x, self.image_shape))  # (B, c_1, r_1)
-            z = pyro.sample("z1", dist.Normal(*self.heads[0](e)).to_event(3))  # (..., B, k_1, r_1)
+            z = pyro.sample("z1", gaussian(*self.heads[0](e), 3))  # (..., B, k_1, r_1)
             for i in range(2, len(self.blocks) + 1):
                 t = self.embeds[i - 2](z)  # (..., B, c_{i-1}, r_{i-1})
                 if self.skip:
                     t = t + e
                 e = self.blocks[i - 1](t)  # (..., B, c_i, r_i)
-                z = pyro.sample(f"z{i}", dist.Normal(*self.heads[i - 1](e)).to_event(3))
+                z = pyro.sample(f"z{i}", gaussian(*self.heads[i - 1](e), 3))
 
 
 CONV_INFERENCE = {"top-down": ConvTopDownInference, "bottom-up": ConvBottomUpInference}

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import gaussian
 from ..likelihoods import BernoulliLikelihood, GaussianLikelihood
 from .blocks import ConvGaussianHead, Embed, Up, fold, resolutions
 from .config import ConvLadderConfig
@@ -117,7 +118,7 @@ class ConvGenerative(nn.Module):
     def top_prior(self, like: torch.Tensor) -> dist.Distribution:
         """``p(z_L) = N(0, I)``, event shape ``(k_L, h_L, w_L)``, on ``like``'s device/dtype."""
         zeros = like.new_zeros(self.top_shape)
-        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(3)
+        return gaussian(zeros, torch.ones_like(zeros), 3)
 
     def model(self, x: torch.Tensor) -> None:
         """Score flat ``x (B, H * W)``; samples ``z{L}`` .. ``z1`` top-down in ``plate("data")``.
@@ -128,5 +129,5 @@ class ConvGenerative(nn.Module):
             z, h = pyro.sample(f"z{self.depth}", self.top_prior(x)), None  # (..., B, k_L, r_L)
             for i in range(self.depth - 1, 0, -1):
                 loc, scale, h = self.prior(i, z, h)
-                z = pyro.sample(f"z{i}", dist.Normal(loc, scale).to_event(3))  # (..., B, k_i, r_i)
+                z = pyro.sample(f"z{i}", gaussian(loc, scale, 3))  # (..., B, k_i, r_i)
             pyro.sample("x", self.likelihood(z, h, validate_args=False), obs=x)
