@@ -24,7 +24,9 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+import pyro.util
 import torch
+from pyro import poutine
 from tqdm.auto import tqdm
 
 from . import device as placement
@@ -44,7 +46,10 @@ from ._traces import (
     weight_layout,
 )
 from ._util import eval_mode, modules_of
+from ._validation import signature, validation_off
 from .errors import ConfigError, NumericalError
+
+_OPTIONS = ("iwae_k", "batch_size", "max_rows", "progress", "device")
 
 
 @torch.no_grad()
@@ -81,6 +86,38 @@ def evaluate(
     :returns: dict with ``log_likelihood``, ``elbo``, ``ess`` (each ``(N,)``), ``iwae``
         (``{k: (N,)}``), ``kl`` and ``cross_entropy`` (``{site: (N,)}``) and ``num_samples``.
     """
+    options = dict(iwae_k=iwae_k, batch_size=batch_size, max_rows=max_rows, progress=progress)
+    out = _score(model, guide, data, args, kwargs, _Summary, num_samples, device, **options)
+    return {
+        "log_likelihood": out.pop("log_likelihood"),
+        "elbo": out.pop("elbo"),
+        "ess": out.pop("ess"),
+        "iwae": {k: out.pop(f"iwae{k}") for k in iwae_k},
+        "kl": {name[3:]: value for name, value in out.items() if name.startswith("kl:")},
+        "cross_entropy": {name[3:]: v for name, v in out.items() if name.startswith("ce:")},
+        "num_samples": num_samples,
+    }
+
+
+@torch.no_grad()
+def log_likelihood(model, guide, data, *args, num_samples: int = 5000, **kwargs) -> torch.Tensor:
+    """Importance-sampled estimate of ``log p(x)`` in nats for each row of ``data``: ``(N,)``.
+
+    Takes the options of :func:`evaluate` and returns its ``log_likelihood``, the same
+    numbers from the same draws, without computing the other results.
+    """
+    options = {name: kwargs.pop(name) for name in _OPTIONS if name in kwargs}
+    device = options.pop("device", None)
+    out = _score(model, guide, data, args, kwargs, _LogMeanWeight, num_samples, device, **options)
+    return out["log_likelihood"]
+
+
+def _score(
+    model, guide, data, args, kwargs, summary, num_samples, device,
+    iwae_k=(), batch_size=100, max_rows=None, progress=False,
+) -> dict:  # fmt: skip
+    """``{name: (N,)}``: the results of ``summary`` (a class: :class:`_LogMeanWeight` or
+    :class:`_Summary`) over every batch of ``data``, after checking the arguments."""
     check_pair_args("evaluate", model=model, guide=guide)
     check_data_arg("evaluate", data, nonempty=False)  # emptiness: _check_options
     device = placement.resolve(device, model, guide, data)
@@ -95,21 +132,13 @@ def evaluate(
         parts = defaultdict(list)
         for start in tqdm(range(0, len(data), batch_size), disable=not progress, unit="batch"):
             x = placement.to_device(data[start : start + batch_size], device)  # (B, ...)
-            for key, value in _evaluate_batch(
-                model, guide, x, args, kwargs, num_samples, iwae_k, max_rows, nesting
-            ).items():
+            batch = _Batch(model, guide, x, args, kwargs, nesting)
+            stream = summary(num_samples, iwae_k)
+            for key, value in _score_batch(batch, stream, max_rows).items():
                 parts[key].append(value)
     out = {key: torch.cat(values) for key, values in parts.items()}
     _check_finite(out)
-    return {
-        "log_likelihood": out.pop("log_likelihood"),
-        "elbo": out.pop("elbo"),
-        "ess": out.pop("ess"),
-        "iwae": {k: out.pop(f"iwae{k}") for k in iwae_k},
-        "kl": {name[3:]: value for name, value in out.items() if name.startswith("kl:")},
-        "cross_entropy": {name[3:]: v for name, v in out.items() if name.startswith("ce:")},
-        "num_samples": num_samples,
-    }
+    return out
 
 
 def _check_finite(out: dict) -> None:
@@ -125,69 +154,172 @@ def _check_finite(out: dict) -> None:
             )
 
 
-def log_likelihood(model, guide, data, *args, num_samples: int = 5000, **kwargs) -> torch.Tensor:
-    """Importance-sampled estimate of ``log p(x)`` in nats for each row of ``data``: ``(N,)``.
+def _score_batch(batch: _Batch, stream, max_rows) -> dict:
+    """Stream ``K`` draws for one batch ``x (B, ...)`` in passes into ``stream``; its
+    ``(B,)`` results.
 
-    Takes the options of :func:`evaluate`, which also returns the ELBO and ``IWAE_k``.
-    """
-    return evaluate(model, guide, data, *args, num_samples=num_samples, **kwargs)["log_likelihood"]
+    One reuse scope (``pyro_ladder._memo``) serves all passes of the batch: nothing a
+    network's output depends on can change between them (inference and eval mode, no
+    optimizer), so an output that depends on ``x`` alone (the ladder's upward pass) is
+    computed once per batch, not once per pass. Outputs at one pass's draws never match
+    another pass's draws (the scope keeps the inputs it stored alive, so their memory
+    cannot pass to new draws)."""
+    K = stream.num_samples
+    chunk = _chunk_size(K, batch.x.shape[0], max_rows, stream.iwae_k)
+    with ReuseOutputs():
+        for start in range(0, K, chunk):
+            stream.add(batch, min(chunk, K - start))
+    return stream.result()
 
 
-def _evaluate_batch(model, guide, x, args, kwargs, K, iwae_k, max_rows, nesting) -> dict:
-    """Stream ``K`` draws for one batch ``x (B, ...)`` in chunks; reduce to ``(B,)`` tensors."""
-    B = x.shape[0]
-    chunk = _chunk_size(K, B, max_rows, iwae_k)
-    lse = lse_sq = None
-    sum_log_w = 0.0
-    iwae_sum = {k: 0.0 for k in iwae_k}
-    iwae_groups = {k: 0 for k in iwae_k}
-    term_sum = defaultdict(float)
-    for start in range(0, K, chunk):
-        S = min(chunk, K - start)
-        log_w, terms = _log_weights(model, guide, x, args, kwargs, S, nesting)  # (S, B)
-        lse = _add_lse(lse, log_w.logsumexp(0))
-        lse_sq = _add_lse(lse_sq, (2 * log_w).logsumexp(0))
-        sum_log_w = sum_log_w + log_w.sum(0)
-        for k in iwae_k:
+class _LogMeanWeight:
+    """``log (1/K) sum_k w_k`` per data point, streamed over passes of draws."""
+
+    def __init__(self, num_samples: int, iwae_k=()):
+        self.num_samples, self.iwae_k = num_samples, iwae_k  # iwae_k: sizes passes to fit
+        self.lse = None
+
+    def add(self, batch: _Batch, S: int) -> None:
+        model_trace, guide_trace = batch.traces(S)
+        log_p, log_q = _site_log_densities(model_trace, guide_trace, batch.nesting)
+        self._add(_log_weight(log_p, log_q, batch.x, S))
+
+    def _add(self, log_w: torch.Tensor) -> None:
+        self.lse = _add_lse(self.lse, log_w.logsumexp(0))  # (B,)
+
+    def result(self) -> dict:
+        return {"log_likelihood": self.lse - math.log(self.num_samples)}
+
+
+class _Summary(_LogMeanWeight):
+    """Everything :func:`evaluate` reports, streamed over passes of draws."""
+
+    def __init__(self, num_samples: int, iwae_k=()):
+        super().__init__(num_samples, iwae_k)
+        self.lse_sq = None
+        self.sum_log_w = 0.0
+        self.iwae_sum = {k: 0.0 for k in iwae_k}
+        self.iwae_groups = {k: 0 for k in iwae_k}
+        self.term_sum = defaultdict(float)
+
+    def add(self, batch: _Batch, S: int) -> None:
+        log_w, terms = _log_weights(batch, S)  # (S, B)
+        self._add(log_w)
+        self.lse_sq = _add_lse(self.lse_sq, (2 * log_w).logsumexp(0))
+        self.sum_log_w = self.sum_log_w + log_w.sum(0)
+        B = log_w.shape[1]
+        for k in self.iwae_k:
             groups = S // k
             grouped = log_w[: groups * k].reshape(groups, k, B)  # (groups, k, B)
-            iwae_sum[k] = iwae_sum[k] + (grouped.logsumexp(1) - math.log(k)).sum(0)
-            iwae_groups[k] += groups
+            self.iwae_sum[k] = self.iwae_sum[k] + (grouped.logsumexp(1) - math.log(k)).sum(0)
+            self.iwae_groups[k] += groups
         for key, value in terms.items():
-            term_sum[key] = term_sum[key] + value.sum(0)
-    out = {
-        "log_likelihood": lse - math.log(K),
-        "elbo": sum_log_w / K,
-        "ess": (2 * lse - lse_sq).exp(),
-    }
-    out.update({f"iwae{k}": iwae_sum[k] / iwae_groups[k] for k in iwae_k})
-    out.update({key: value / K for key, value in term_sum.items()})
-    return out
+            self.term_sum[key] = self.term_sum[key] + value.sum(0)
+
+    def result(self) -> dict:
+        K = self.num_samples
+        out = super().result()
+        out["elbo"] = self.sum_log_w / K
+        out["ess"] = (2 * self.lse - self.lse_sq).exp()
+        out.update({f"iwae{k}": self.iwae_sum[k] / self.iwae_groups[k] for k in self.iwae_k})
+        out.update({key: value / K for key, value in self.term_sum.items()})
+        return out
 
 
-def _log_weights(model, guide, x, args, kwargs, S, nesting):
-    """``log w (S, B)`` and per-site KL ``{site: (S, B)}`` for ``S`` vectorized draws.
+class _Batch:
+    """The passes over one batch ``x (B, ...)``: traces of ``S`` vectorized draws each.
 
-    One pass is one reuse scope: the model may take the guide's network outputs of this
-    pass, never an earlier one's (``pyro_ladder._memo``). Scales are ignored: this is the
-    model's own density, whatever weight training gave a site."""
-    particles = particle_plate("_eval_particles", S, nesting)
-    with ReuseOutputs():
-        guide_trace, model_trace = particle_traces(model, guide, (x, *args), kwargs, particles)
-    check_guide_covers_model(model_trace, guide_trace)
-    _check_every_row(model_trace, guide_trace)
-    log_w = x.new_zeros(S, x.shape[0])
-    terms = {}  # per-variable terms: "ce:<observed site>", "kl:<latent site>"
-    for name, site in sample_sites(model_trace):
-        log_p = per_datapoint(site, site_log_prob(site, scaled=False), nesting)
-        log_w = log_w + log_p
-        if site["is_observed"]:
-            terms[f"ce:{name}"] = -log_p
+    Distribution validation runs on the first pass of each size and on every pass whose
+    sites it could refuse for more than a NaN (:mod:`pyro_ladder._validation`). Parameter
+    registrations are kept out of the traces and of every handler outside them:
+    evaluation reads sample sites only, and each of the ladder's 166 registrations would
+    otherwise be a message through the whole handler stack in every pass."""
+
+    def __init__(self, model, guide, x, args, kwargs, nesting: int):
+        self.model = poutine.block(model, hide_types=["param"])
+        self.guide = poutine.block(guide, hide_types=["param"])
+        self.x, self.args, self.kwargs, self.nesting = x, args, kwargs, nesting
+        self.validated = {}  # S -> signature of a validated pass of S draws
+
+    def traces(self, S: int):
+        """``(model_trace, guide_trace)`` of ``S`` draws, checked (:func:`_check_traces`)."""
+        known = self.validated.get(S)
+        if known is None:
+            traces = self._trace(S)
+            sig = signature(*traces)
+            if sig is not None:
+                self.validated[S] = sig
+            return traces
+        state = _random_state(self.x.device)
+        with validation_off():
+            traces = self._trace(S)
+        if signature(*traces) == known:
+            return traces
+        _set_random_state(state)  # the sites changed with the draws: validate, same draws
+        return self._trace(S)
+
+    def _trace(self, S: int):
+        particles = particle_plate("_eval_particles", S, self.nesting)
+        guide_trace, model_trace = particle_traces(
+            self.model, self.guide, (self.x, *self.args), self.kwargs, particles
+        )
+        check_guide_covers_model(model_trace, guide_trace)
+        _check_every_row(model_trace, guide_trace)
+        return model_trace, guide_trace
+
+
+def _log_weights(batch: _Batch, S: int):
+    """``log w (S, B)`` and the per-variable terms ``{"ce:<observed site>" | "kl:<latent
+    site>": (S, B)}`` (KL analytic where torch knows it) of one pass of ``S`` draws.
+
+    Scales are ignored: this is the model's own density, whatever weight training gave a
+    site."""
+    model_trace, guide_trace = batch.traces(S)
+    log_p, log_q = _site_log_densities(model_trace, guide_trace, batch.nesting)
+    terms = {f"ce:{name}": -log_p[name] for name in log_p if model_trace.nodes[name]["is_observed"]}
     for name, q_site in latent_sites(guide_trace):
-        log_w = log_w - per_datapoint(q_site, site_log_prob(q_site, scaled=False), nesting)
         kl, _ = site_kl(q_site, model_trace.nodes[name])
-        terms[f"kl:{name}"] = per_datapoint(q_site, _masked(kl, model_mask(q_site)), nesting)
-    return log_w, terms
+        kl = per_datapoint(q_site, _masked(kl, model_mask(q_site)), batch.nesting)
+        terms[f"kl:{name}"] = kl
+    return _log_weight(log_p, log_q, batch.x, S), terms
+
+
+def _site_log_densities(model_trace, guide_trace, nesting: int):
+    """``({model site: log p (S, B)}, {latent guide site: log q (S, B)})``, unscaled."""
+    log_p = {
+        name: per_datapoint(site, site_log_prob(site, scaled=False), nesting)
+        for name, site in sample_sites(model_trace)
+    }
+    log_q = {
+        name: per_datapoint(site, site_log_prob(site, scaled=False), nesting)
+        for name, site in latent_sites(guide_trace)
+    }
+    return log_p, log_q
+
+
+def _log_weight(log_p: dict, log_q: dict, x: torch.Tensor, S: int) -> torch.Tensor:
+    """``log w = sum log p - sum log q``, ``(S, B)``, summed in trace order."""
+    log_w = x.new_zeros(S, x.shape[0])
+    for value in log_p.values():
+        log_w = log_w + value
+    for value in log_q.values():
+        log_w = log_w - value
+    return log_w
+
+
+def _random_state(device: torch.device) -> dict:
+    """The random state a pass draws from (torch's, Python's, NumPy's, the device's)."""
+    state = pyro.util.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = (device, torch.cuda.get_rng_state(device))
+    return state
+
+
+def _set_random_state(state: dict) -> None:
+    pyro.util.set_rng_state(state)
+    if "cuda" in state:
+        device, cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _check_every_row(model_trace, guide_trace) -> None:

@@ -73,8 +73,8 @@ def _fake_log_weights(table, orders):
     """Serve ``table (K, N)`` rows for the data points whose ids ``x[:, 0]`` holds."""
     served = {}
 
-    def log_weights(model, guide, x, args, kwargs, S, nesting):
-        ids = x[:, 0].long()
+    def log_weights(batch, S):
+        ids = batch.x[:, 0].long()
         rows = []
         for i in ids.tolist():
             start = served.get(i, 0)
