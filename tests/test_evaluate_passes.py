@@ -45,7 +45,7 @@ def _everything(vae, x, **options):
 OPTIONS = dict(num_samples=23, iwae_k=(2,), batch_size=3, max_rows=12)  # ragged passes
 
 
-def test_skipping_validation_changes_no_number(monkeypatch):
+def test_later_passes_of_the_ladder_change_no_number(monkeypatch):
     vae, x = _ladder(), _rows()
     fast = _everything(vae, x, **OPTIONS)
     monkeypatch.setattr(evaluate_module, "signature", lambda *traces: None)
@@ -92,6 +92,19 @@ def _normal_guide(x):
 def _data(n=6):
     torch.manual_seed(5)
     return torch.randn(n, 2, dtype=torch.float64)
+
+
+def test_skipping_validation_of_a_validated_pair_changes_no_number(monkeypatch):
+    def run():  # the ladder's Gaussians skip validation themselves: here Pyro's Normals
+        pyro.set_rng_seed(4)
+        out = evaluate(_normal_model, _normal_guide, _data(7), num_samples=23, iwae_k=(2,),
+                       batch_size=3, max_rows=12)  # fmt: skip
+        return out["log_likelihood"], out["elbo"], out["iwae"][2], out["kl"]["z"], torch.rand(2)
+
+    fast = run()
+    monkeypatch.setattr(evaluate_module, "signature", lambda *traces: None)  # all validated
+    for got, expected in zip(fast, run(), strict=True):
+        assert torch.equal(got, expected)
 
 
 def test_invalid_observation_in_a_later_batch_is_refused_by_validation():
