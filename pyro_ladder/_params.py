@@ -9,6 +9,11 @@ unconstrained, the answer is the tensor itself. :func:`register_module` sends th
 ``SVI``'s parameter capture and any user handler see what they would see) and skips only
 that lookup. Anything else (a first registration, another tensor stored under the name, a
 constrained parameter, no handler running) goes through ``pyro.param`` itself.
+
+Evaluation's passes read sample sites only: they run the pair inside
+:class:`HiddenRegistrations`, which keeps registrations from every handler outside it and,
+while it is the innermost handler, lets each module's registration through once; a second
+one would reach no handler and change nothing in the store.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import weakref
 import pyro
 from pyro.distributions import constraints
 from pyro.params import param_with_module_name
-from pyro.poutine.runtime import Message, am_i_wrapped, apply_stack
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK, Message, am_i_wrapped, apply_stack
 from torch import nn
 
 
@@ -28,6 +34,9 @@ def register_module(name: str, module: nn.Module, prefix: str = "") -> None:
     a gradient as ``name.prefix<its name>`` (``prefix``: the path of a submodule, so that it
     is registered under the names its parent gives it), and warn, as Pyro does, about the
     others of a module in training mode."""
+    scope = _PYRO_STACK[-1] if _PYRO_STACK else None
+    if isinstance(scope, HiddenRegistrations) and scope.seen(name, module, prefix):
+        return
     store = pyro.get_param_store()
     wrapped = am_i_wrapped()
     for param_name, param in module.named_parameters(prefix.rstrip(".")):
@@ -45,6 +54,28 @@ def register_module(name: str, module: nn.Module, prefix: str = "") -> None:
             apply_stack(_param_message(full, param))
         else:
             pyro.param(full, param)
+
+
+class HiddenRegistrations(Messenger):
+    """``poutine.block(hide_types=["param"])``, and a registration of a module that this
+    scope has seen already is not sent again while the scope is the innermost handler
+    (nothing would see it; the store holds what the first one put there). For passes that
+    read sample sites only: one scope per batch of :func:`~pyro_ladder.evaluate`."""
+
+    def __init__(self):
+        super().__init__()
+        self._seen = {}  # (name, prefix, id(module)) -> module, kept so the id stays its own
+
+    def _pyro_param(self, msg) -> None:
+        msg["stop"] = True
+
+    def seen(self, name: str, module: nn.Module, prefix: str) -> bool:
+        """Was ``module`` registered under ``name``/``prefix`` in this scope? Records it."""
+        key = (name, prefix, id(module))
+        if key in self._seen:
+            return True
+        self._seen[key] = module
+        return False
 
 
 def _stored_as_is(store, name: str, param) -> bool:

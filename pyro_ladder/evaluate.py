@@ -26,12 +26,12 @@ from collections import defaultdict
 
 import pyro.util
 import torch
-from pyro import poutine
 from tqdm.auto import tqdm
 
 from . import device as placement
 from ._checks import check_data_arg, check_pair_args
 from ._memo import ReuseOutputs
+from ._params import HiddenRegistrations
 from ._traces import (
     check_guide_covers_model,
     latent_sites,
@@ -231,13 +231,14 @@ class _Batch:
 
     Distribution validation runs on the first pass of each size and on every pass whose
     sites it could refuse for more than a NaN (:mod:`pyro_ladder._validation`). Parameter
-    registrations are kept out of the traces and of every handler outside them:
+    registrations are kept out of the traces and of every handler outside them, and each
+    module's are sent in the batch's first pass only (:class:`HiddenRegistrations`):
     evaluation reads sample sites only, and each of the ladder's 166 registrations would
     otherwise be a message through the whole handler stack in every pass."""
 
     def __init__(self, model, guide, x, args, kwargs, nesting: int):
-        self.model = poutine.block(model, hide_types=["param"])
-        self.guide = poutine.block(guide, hide_types=["param"])
+        hidden = HiddenRegistrations()  # once per batch: pyro_ladder._params
+        self.model, self.guide = hidden(model), hidden(guide)
         self.x, self.args, self.kwargs, self.nesting = x, args, kwargs, nesting
         self.validated = {}  # S -> signature of a validated pass of S draws
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_ladder._params import register_module
+from pyro_ladder._params import HiddenRegistrations, register_module
 
 
 def _net():
@@ -77,3 +77,35 @@ def test_a_blocked_registration_leaves_no_site():
     pyro.module("net", net)
     blocked = poutine.block(lambda: register_module("net", net), hide_types=["param"])
     assert _params(blocked) == []
+
+
+def test_hidden_registrations_reach_no_outer_handler_and_are_sent_once():
+    pyro.clear_param_store()
+    net, hidden = _net(), HiddenRegistrations()
+    names = {"net$$$" + n for n, _ in net.named_parameters()}
+    with poutine.trace() as outer:
+        with hidden:
+            register_module("net", net)  # a first registration: the store gets the tensors
+        with hidden, poutine.trace() as inner:  # a handler inside the scope sees them again
+            register_module("net", net)
+    assert not [n for n, s in outer.trace.nodes.items() if s["type"] == "param"]
+    assert {n for n, s in inner.trace.nodes.items() if s["type"] == "param"} == names
+    store = pyro.get_param_store()
+    assert set(store.keys()) == names
+    assert all(store["net$$$" + n] is p for n, p in net.named_parameters())
+
+
+def test_a_seen_registration_sends_no_message(monkeypatch):
+    import pyro_ladder._params as params_module
+
+    pyro.clear_param_store()
+    net, hidden, sent = _net(), HiddenRegistrations(), []
+    pyro.module("net", net)
+    real = params_module.apply_stack
+    monkeypatch.setattr(params_module, "apply_stack", lambda msg: sent.append(msg) or real(msg))
+    with poutine.trace():
+        with hidden:
+            register_module("net", net)
+            register_module("net", net)
+            register_module("net", net[2], "2.")  # another module: another registration
+    assert len(sent) == len(list(net.parameters())) + 2  # the second call sent nothing
