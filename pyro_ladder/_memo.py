@@ -58,16 +58,21 @@ class ReuseOutputs(Messenger):
         super().__init__()
         self.owner, self.enabled = owner, True
         self._entries = {}
+        self.saw_training = False  # did a module in training mode run through the scope?
 
     def __enter__(self):
         policy = _innermost(_ReusePolicy)
         self.enabled = policy.enabled if policy is not None else True
-        self._entries = {}
+        self._entries, self.saw_training = {}, False
         return super().__enter__()
 
     def __exit__(self, *exc):
         self._entries = {}  # drop every stored input and output with the scope
         return super().__exit__(*exc)
+
+    def clear(self) -> None:
+        """Forget every stored output: what follows runs as in a new scope."""
+        self._entries = {}
 
     # The scope handles no Pyro message; every site of the step passes through it, so skip
     # the base class's lookup of a ``_pyro_<type>`` method on each (fixed cost per step).
@@ -81,6 +86,7 @@ class ReuseOutputs(Messenger):
         """``fn(inp)``, or the stored output of a matching earlier request (module docs)."""
         inps = inp if isinstance(inp, tuple) else (inp,)
         state = _state(module)
+        self.saw_training = self.saw_training or any(state[0])
         entry = self._entries.get(key)
         seen = entry is not None and entry.matches(inps, state)
         if seen and self.enabled:

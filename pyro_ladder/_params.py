@@ -10,10 +10,12 @@ unconstrained, the answer is the tensor itself. :func:`register_module` sends th
 that lookup. Anything else (a first registration, another tensor stored under the name, a
 constrained parameter, no handler running) goes through ``pyro.param`` itself.
 
-Evaluation's passes read sample sites only: they run the pair inside
-:class:`HiddenRegistrations`, which keeps registrations from every handler outside it and,
-while it is the innermost handler, lets each module's registration through once; a second
-one would reach no handler and change nothing in the store.
+Evaluation's passes run the pair inside :class:`RegisterOnce`: while it is the innermost
+handler, each module's registration is sent once per scope (one batch of
+:func:`~pyro_ladder.evaluate`), through every handler as usual; a second one would put
+nothing new in the store, and ``register_module`` ignores the value a handler answers
+(the module computes with its own parameters). ``pyro.param`` calls of a user's pair are
+never held back, so a handler around the call (``poutine.substitute``) still sets them.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def register_module(name: str, module: nn.Module, prefix: str = "") -> None:
     is registered under the names its parent gives it), and warn, as Pyro does, about the
     others of a module in training mode."""
     scope = _PYRO_STACK[-1] if _PYRO_STACK else None
-    if isinstance(scope, HiddenRegistrations) and scope.seen(name, module, prefix):
+    if isinstance(scope, RegisterOnce) and scope.seen(name, module, prefix):
         return
     store = pyro.get_param_store()
     wrapped = am_i_wrapped()
@@ -56,18 +58,22 @@ def register_module(name: str, module: nn.Module, prefix: str = "") -> None:
             pyro.param(full, param)
 
 
-class HiddenRegistrations(Messenger):
-    """``poutine.block(hide_types=["param"])``, and a registration of a module that this
-    scope has seen already is not sent again while the scope is the innermost handler
-    (nothing would see it; the store holds what the first one put there). For passes that
-    read sample sites only: one scope per batch of :func:`~pyro_ladder.evaluate`."""
+class RegisterOnce(Messenger):
+    """A registration (:func:`register_module`) of a module that this scope has seen
+    already is not sent again while the scope is the innermost handler: the store holds
+    what the first one put there, and every handler saw the first. For passes that read
+    sample sites only: one scope per batch of :func:`~pyro_ladder.evaluate`. It handles no
+    message itself; ``pyro.param`` is never held back."""
 
     def __init__(self):
         super().__init__()
         self._seen = {}  # (name, prefix, id(module)) -> module, kept so the id stays its own
 
-    def _pyro_param(self, msg) -> None:
-        msg["stop"] = True
+    def _process_message(self, msg) -> None:
+        pass
+
+    def _postprocess_message(self, msg) -> None:
+        pass
 
     def seen(self, name: str, module: nn.Module, prefix: str) -> bool:
         """Was ``module`` registered under ``name``/``prefix`` in this scope? Records it."""

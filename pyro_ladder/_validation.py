@@ -9,7 +9,8 @@ Gaussians skip it since :func:`~pyro_ladder.layers.gaussian`; a user's pair keep
 the passes of a batch after the first run with validation off, under two conditions that
 make the skipped checks redundant:
 
-* **every site's checks only refuse what already gives NaN**. That holds for a Normal
+* **every site's checks only refuse what already gives NaN**, and no site is masked (a
+  mask turns a masked entry's NaN log-density into 0). That holds for a Normal
   (``loc`` real, ``scale`` positive, ``value`` real: a NaN ``loc`` or ``value``, or a
   ``scale <= 0``, makes ``log_prob`` NaN, which :func:`~pyro_ladder.evaluate` refuses as
   non-finite) and, trivially, for a distribution built with ``validate_args=False``, which
@@ -51,7 +52,9 @@ def signature(*traces) -> tuple | None:
     for trace in traces:
         for name, site in sample_sites(trace):
             fn = site["fn"]
-            if not _only_nan(fn):
+            if not _only_nan(fn) or site["mask"] is not None:
+                # a mask replaces a masked entry's log-density, NaN or not, by 0: there
+                # validation is the only check left
                 return None
             shapes = (fn.batch_shape, fn.event_shape, site["value"].shape)
             sites.append((name, _families(fn), shapes, site["is_observed"]))

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import device as placement
 from ._checks import check_data_arg, check_pair_args
 from ._memo import ReuseOutputs
-from ._params import HiddenRegistrations
+from ._params import RegisterOnce
 from ._traces import (
     check_guide_covers_model,
     latent_sites,
@@ -161,13 +161,20 @@ def _score_batch(batch: _Batch, stream, max_rows) -> dict:
     One reuse scope (``pyro_ladder._memo``) serves all passes of the batch: nothing a
     network's output depends on can change between them (inference and eval mode, no
     optimizer), so an output that depends on ``x`` alone (the ladder's upward pass) is
-    computed once per batch, not once per pass. Outputs at one pass's draws never match
+    computed once per batch, not once per pass; unless a network ran in training mode
+    (a pair whose modules evaluate could not find), whose running statistics then move
+    once per pass as they did before reuse. Outputs at one pass's draws never match
     another pass's draws (the scope keeps the inputs it stored alive, so their memory
     cannot pass to new draws)."""
     K = stream.num_samples
     chunk = _chunk_size(K, batch.x.shape[0], max_rows, stream.iwae_k)
-    with ReuseOutputs():
+    with ReuseOutputs() as scope:
         for start in range(0, K, chunk):
+            if scope.saw_training:
+                # a network in training mode (a pair evaluate could not put in eval mode):
+                # its batch-norm statistics move at each computation, so every pass
+                # computes afresh, as with one scope per pass
+                scope.clear()
             stream.add(batch, min(chunk, K - start))
     return stream.result()
 
@@ -230,15 +237,16 @@ class _Batch:
     """The passes over one batch ``x (B, ...)``: traces of ``S`` vectorized draws each.
 
     Distribution validation runs on the first pass of each size and on every pass whose
-    sites it could refuse for more than a NaN (:mod:`pyro_ladder._validation`). Parameter
-    registrations are kept out of the traces and of every handler outside them, and each
-    module's are sent in the batch's first pass only (:class:`HiddenRegistrations`):
-    evaluation reads sample sites only, and each of the ladder's 166 registrations would
-    otherwise be a message through the whole handler stack in every pass."""
+    sites it could refuse for more than a NaN (:mod:`pyro_ladder._validation`). Each
+    module's parameter registrations are sent in the batch's first pass only
+    (:class:`RegisterOnce`): evaluation reads sample sites only, and each of the ladder's
+    166 registrations would otherwise be a message through the whole handler stack in
+    every pass. A user's ``pyro.param`` calls go through in every pass, so handlers around
+    the call (``poutine.substitute``) still apply."""
 
     def __init__(self, model, guide, x, args, kwargs, nesting: int):
-        hidden = HiddenRegistrations()  # once per batch: pyro_ladder._params
-        self.model, self.guide = hidden(model), hidden(guide)
+        once = RegisterOnce()  # once per batch: pyro_ladder._params
+        self.model, self.guide = once(model), once(guide)
         self.x, self.args, self.kwargs, self.nesting = x, args, kwargs, nesting
         self.validated = {}  # S -> signature of a validated pass of S draws
 

@@ -37,7 +37,9 @@ class Adam(PyroOptim):
     After its step it sets the stepped parameters' gradients to ``None`` (as
     ``torch.optim.Optimizer.zero_grad`` does by default), where ``pyro.optim.Adam`` leaves
     them for ``SVI`` to overwrite with zeros: ``SVI`` then allocates nothing, and the next
-    backward pass writes the gradients instead of adding them to zeros.
+    backward pass writes the gradients instead of adding them to zeros. A parameter it
+    stepped before that the next loss does not reach is stepped with a zero gradient, as
+    ``pyro.optim.Adam`` steps it (its momentum moves it on).
     """
 
     def __init__(self, optim_args, clip_args=None):
@@ -55,6 +57,10 @@ class Adam(PyroOptim):
         for p in params:
             opt = self._owner.get(p) or self._adopt(p)
             present.setdefault(opt, set()).add(p)
+            if p.grad is None and p in opt.state:
+                # stepped before but not reached this step: pyro.optim.Adam would see the
+                # zeros SVI left in its gradient and step it on its momentum; so do we
+                p.grad = torch.zeros_like(p)
         for opt, group in present.items():
             _step_only(opt, group, *args, **kwargs)
 

@@ -214,3 +214,70 @@ def test_only_normals_and_unvalidated_distributions_pass_unvalidated():
     assert not _only_nan(dist.Normal(loc, scale).mask(False))  # a wrapper with its own rules
     trace = pyro.poutine.trace(_exponential_model).get_trace(_data())
     assert signature(trace) is None
+
+
+def test_a_parameter_substituted_by_a_handler_around_evaluate_is_used():
+    """adversary3: a user's ``poutine.substitute`` around the call sets ``loc``; the passes'
+    blocked registrations must not hide it. The guide is the exact posterior, so each weight
+    is ``p(x)`` and the estimate equals ``log N(x; loc, sqrt(2))`` for any draws."""
+    import math
+
+    from pyro import poutine
+
+    def model(x):
+        loc = pyro.param("loc", torch.tensor(0.0, dtype=torch.float64))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z + loc, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", torch.tensor(0.0, dtype=torch.float64))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal((x - loc) / 2, math.sqrt(0.5)).to_event(1))
+
+    x = torch.tensor([[0.3], [1.7], [-0.4]], dtype=torch.float64)
+    loc = torch.tensor(2.0, dtype=torch.float64)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    with poutine.substitute(data={"loc": loc}):
+        ll = log_likelihood(model, guide, x, num_samples=4, max_rows=3)
+    truth = dist.Normal(loc, math.sqrt(2.0)).log_prob(x[:, 0])
+    torch.testing.assert_close(ll, truth, rtol=1e-12, atol=1e-12)
+
+
+def test_an_invalid_scale_masked_out_in_a_later_pass_is_refused():
+    """adversary3: under ``poutine.mask`` a Normal's invalid scale gives no NaN (the masked
+    log-density is 0), so skipping validation after the first pass lets it through; with
+    every pass validated the call raises. The first pass (seed 1, 5 draws) has no z <= 0."""
+    from pyro import poutine
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0).to_event(1))
+            with poutine.mask(mask=(z > 0).squeeze(-1)):
+                pyro.sample("x", dist.Normal(z, z).to_event(1), obs=x)  # scale z <= 0
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.full_like(x, 2.0), 1.0).to_event(1))
+
+    x = torch.tensor([[1.5]], dtype=torch.float64)
+    pyro.set_rng_seed(1)
+    with pytest.raises(ValueError, match="scale"):
+        log_likelihood(model, guide, x, num_samples=2000, max_rows=5)
+
+
+def test_networks_left_in_training_mode_move_their_statistics_once_per_pass():
+    """adversary3: a pair evaluate cannot put in eval mode (lambdas) runs batch norm in
+    training mode; sharing one reuse scope across a batch's passes must not change how
+    often its running statistics move: once per pass (7 rows, max_rows 21: 3 draws a
+    pass, 4 passes for K = 12) and once for the plate probe, as with a scope per pass."""
+    from pyro_ladder import LadderVAE, evaluate
+
+    torch.manual_seed(0)
+    vae = LadderVAE(6, (4, 3), (10, 8)).double()
+    vae.train()
+    x = (torch.rand(7, 6) < 0.5).double()
+    pyro.set_rng_seed(5)
+    evaluate(lambda x: vae.model(x), lambda x: vae.guide(x), x, num_samples=12, max_rows=21)
+    assert int(vae.inference.blocks[0].net[1].num_batches_tracked) == 1 + 4

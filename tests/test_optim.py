@@ -155,3 +155,44 @@ def test_gradients_are_released_after_the_step():
     vae = _vae()
     _train(vae, Adam({"lr": 1e-2}), 1)
     assert all(p.grad is None for p in vae.parameters())
+
+
+@pytest.mark.parametrize("kernel", [{}, {"fused": False}])
+def test_a_parameter_without_gradient_in_a_later_step_moves_as_with_pyro_adam(kernel):
+    """adversary3: ``b`` is registered every step but feeds the loss only in the first two.
+    ``pyro.optim.Adam`` (with SVI's zeroed gradients) keeps stepping it with g = 0, so its
+    momentum moves it on; the truth is a hand-written float64 Adam doing the same."""
+    import math
+
+    import pyro.distributions as dist
+    from pyro.infer import Trace_ELBO
+
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+
+    def model(use_b):
+        a = pyro.param("a", torch.tensor(0.0, dtype=torch.float64))
+        b = pyro.param("b", torch.tensor(0.0, dtype=torch.float64))
+        loc = a + b if use_b else a + 0 * b.detach()  # b in the loss only when use_b
+        with pyro.plate("d", 3):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    def guide(use_b):
+        pass
+
+    lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8
+    a = b = ma = va = mb = vb = 0.0
+    for t in range(1, 7):  # the hand-written Adam: gradients of -log p(x)
+        ga = -sum(xi - (a + b if t <= 2 else a) for xi in x.tolist())
+        gb = ga if t <= 2 else 0.0
+        ma, va = b1 * ma + (1 - b1) * ga, b2 * va + (1 - b2) * ga * ga
+        mb, vb = b1 * mb + (1 - b1) * gb, b2 * vb + (1 - b2) * gb * gb
+        a -= lr * (ma / (1 - b1**t)) / (math.sqrt(va / (1 - b2**t)) + eps)
+        b -= lr * (mb / (1 - b1**t)) / (math.sqrt(vb / (1 - b2**t)) + eps)
+
+    pyro.clear_param_store()
+    svi = SVI(model, guide, Adam({"lr": lr, **kernel}), Trace_ELBO())
+    for t in range(6):
+        svi.step(t < 2)
+    store = pyro.get_param_store()
+    assert store["a"].item() == pytest.approx(a, rel=1e-12)
+    assert store["b"].item() == pytest.approx(b, rel=1e-12)  # 0.19959 (frozen) against 0.43886

@@ -5,7 +5,7 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_ladder._params import HiddenRegistrations, register_module
+from pyro_ladder._params import RegisterOnce, register_module
 
 
 def _net():
@@ -79,17 +79,21 @@ def test_a_blocked_registration_leaves_no_site():
     assert _params(blocked) == []
 
 
-def test_hidden_registrations_reach_no_outer_handler_and_are_sent_once():
+def test_registrations_in_a_register_once_scope_reach_outer_handlers_once():
     pyro.clear_param_store()
-    net, hidden = _net(), HiddenRegistrations()
+    net, once = _net(), RegisterOnce()
     names = {"net$$$" + n for n, _ in net.named_parameters()}
     with poutine.trace() as outer:
-        with hidden:
-            register_module("net", net)  # a first registration: the store gets the tensors
-        with hidden, poutine.trace() as inner:  # a handler inside the scope sees them again
+        with once:
+            register_module("net", net)  # a first registration: every handler sees it
+        with once, poutine.trace() as inner:  # a handler inside the scope sees it again
             register_module("net", net)
-    assert not [n for n, s in outer.trace.nodes.items() if s["type"] == "param"]
+    with poutine.trace() as skipped:  # the scope innermost again: not sent
+        with once:
+            register_module("net", net)
+    assert {n for n, s in outer.trace.nodes.items() if s["type"] == "param"} == names
     assert {n for n, s in inner.trace.nodes.items() if s["type"] == "param"} == names
+    assert not [n for n, s in skipped.trace.nodes.items() if s["type"] == "param"]
     store = pyro.get_param_store()
     assert set(store.keys()) == names
     assert all(store["net$$$" + n] is p for n, p in net.named_parameters())
@@ -99,12 +103,12 @@ def test_a_seen_registration_sends_no_message(monkeypatch):
     import pyro_ladder._params as params_module
 
     pyro.clear_param_store()
-    net, hidden, sent = _net(), HiddenRegistrations(), []
+    net, once, sent = _net(), RegisterOnce(), []
     pyro.module("net", net)
     real = params_module.apply_stack
     monkeypatch.setattr(params_module, "apply_stack", lambda msg: sent.append(msg) or real(msg))
     with poutine.trace():
-        with hidden:
+        with once:
             register_module("net", net)
             register_module("net", net)
             register_module("net", net[2], "2.")  # another module: another registration
