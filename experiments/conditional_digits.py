@@ -48,7 +48,7 @@ def parse(argv=None):
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--eval-samples", type=int, default=1000, help="K for log p(x | c)")
     p.add_argument("--classify-samples", type=int, default=100, help="K per class to classify")
-    p.add_argument("--limit", type=int, default=None, help="first N test images (default all)")
+    p.add_argument("--limit", type=int, default=None, help="N test images (default all)")
     p.add_argument("--per-class", type=int, default=20, help="draws per class to read out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)

@@ -7,7 +7,7 @@ norm) with bottom-up (``mlp-vae``) and top-down (``mlp-lvae``) inference, and th
 skip path) with top-down (``conv-lvae``) and bottom-up (``conv-vae``) inference. Each run
 trains for ``--budget-seconds`` of wall-clock time (stopping mid-epoch within 10 steps of
 it, ``sweep.py``), with Adam, KL warm-up over the first epoch; then scores log p(x) with
-K = 1000 on the first 2000 test images (grey test images binarized once, the shared
+K = 1000 on 2000 test images (a fixed random subset, grey test images binarized once, the shared
 test-set policy), the test ELBO, per-layer KL and active units (a spatial latent's units
 are its channels x positions). Every run is an independent process; ``results.json`` and
 ``results.md`` hold every run and the mean ± sd over seeds.

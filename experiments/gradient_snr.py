@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
         progress=False,
     )
     train_seconds = time.perf_counter() - start
-    x = test_set(data, "bernoulli", args.batch)  # the first rows the CLI scores
+    x = test_set(data, "bernoulli", args.batch)  # a fixed random subset of the test rows
     vae.eval()  # fixed batch-norm statistics: the gradient noise is the estimator's alone
     ks = [int(k) for k in args.ks.split(",")]
     rows = []

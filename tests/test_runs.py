@@ -16,6 +16,7 @@ from pyro_ladder.cli import build_parser, main
 from pyro_ladder.cli.commands import as_flags, spec_of
 from pyro_ladder.data import load_dataset
 from pyro_ladder.runs import RunSpec, folder, test_set, training
+from pyro_ladder.runs.testset import test_rows
 
 
 def _metrics(out):
@@ -87,17 +88,45 @@ def test_a_warm_up_that_never_ends_is_noted():
 def test_grey_test_images_are_binarized_once_with_seed_0():
     data = load_dataset("digits")
     rows = test_set(data, "bernoulli", limit=50)
-    truth = torch.bernoulli(data.test[:50], generator=torch.Generator().manual_seed(0))
+    picked = test_rows(len(data.test), 50)
+    truth = torch.bernoulli(data.test, generator=torch.Generator().manual_seed(0))[picked]
     assert torch.equal(rows, truth) and set(rows.unique().tolist()) <= {0.0, 1.0}
-    assert torch.equal(test_set(data, "bernoulli")[:50], rows)  # a prefix scores the same
-    assert torch.equal(test_set(data, "gaussian", limit=50), data.test[:50])  # grey, kept
+    assert torch.equal(test_set(data, "bernoulli")[picked], rows)  # same pixels, any limit
+    assert torch.equal(test_set(data, "gaussian", limit=50), data.test[picked])  # grey, kept
 
 
 def test_a_conditional_test_set_packs_the_one_hot_label_beside_the_same_pixels():
     data = load_dataset("digits")
     rows = test_set(data, "bernoulli", limit=20, condition_dim=10)  # (20, 64 + 10)
     assert torch.equal(rows[:, :64], test_set(data, "bernoulli", limit=20))
-    assert torch.equal(rows[:, 64:], F.one_hot(data.test_labels[:20], 10).float())
+    labels = data.test_labels[test_rows(len(data.test), 20)]
+    assert torch.equal(rows[:, 64:], F.one_hot(labels, 10).float())
+
+
+def test_a_limited_test_set_is_a_fixed_random_subset_not_the_first_rows():
+    """A test file sorted by class (as the statically binarized MNIST file is: its first
+    980 images are zeros) must not be scored on its head: a limit picks a seeded random
+    subset, the same in every run, nested across limits, in file order; its rows keep
+    their own labels. Truth: the subset's class counts against the binomial spread."""
+    import dataclasses
+
+    data = load_dataset("digits")
+    order = data.test_labels.argsort(stable=True)
+    ids = torch.arange(len(order), dtype=torch.float32)  # a row's pixel 0 names the row
+    test = torch.cat([ids[:, None] / 1000, data.test[order][:, 1:]], 1)
+    sorted_data = dataclasses.replace(data, test=test, test_labels=data.test_labels[order])
+    picked = test_set(sorted_data, "gaussian", limit=100, condition_dim=10)  # (100, 64 + 10)
+    rows = (picked[:, 0] * 1000).round().long()
+    assert torch.equal(rows, rows.sort().values) and len(set(rows.tolist())) == 100
+    assert torch.equal(picked[:, 64:].argmax(1), sorted_data.test_labels[rows])
+    counts = torch.bincount(sorted_data.test_labels[rows], minlength=10).float()
+    expected = 100 * torch.bincount(sorted_data.test_labels, minlength=10) / len(test)
+    assert (counts - expected).abs().max() < 4 * (expected * 0.9).sqrt().max()  # ~3 each way
+    assert rows.max() > len(test) * 0.9 and rows.min() < len(test) * 0.1  # the whole file
+    assert torch.equal(test_set(sorted_data, "gaussian", limit=100), picked[:, :64])  # fixed
+    fewer = (test_set(sorted_data, "gaussian", limit=30)[:, 0] * 1000).round().long()
+    assert set(fewer.tolist()) <= set(rows.tolist())  # nested
+    assert test_rows(len(test), len(test)) is None and test_rows(len(test), None) is None
 
 
 def test_history_round_trip_with_a_key_some_epochs_lack(tmp_path):

@@ -137,7 +137,7 @@ def _add_train(sub):
         "--eval-limit",
         type=_positive_int,
         default=None,
-        help="evaluate on the first N test images only (default: all)",
+        help="evaluate on N test images only, a fixed random subset (default: all)",
     )
     p.add_argument(
         "--seed", type=_seed, default=_DEFAULT.seed, help="seeds the weights and training (0)"
@@ -223,7 +223,7 @@ def _add_evaluate(sub):
         "--eval-limit",
         type=_positive_int,
         default=None,
-        help="evaluate on the first N test images only (default: all)",
+        help="evaluate on N test images only, a fixed random subset (default: all)",
     )
     _add_data_dir(p)
     _add_evaluation_seed(p)

@@ -68,7 +68,7 @@ class RunSpec:
     free_bits: float = 0.0  # KL floor per latent layer in nats (Kingma et al. 2016); 0: off
     compile: bool = False  # networks through torch.compile, Pyro's tracing eager (same numbers)
     eval_samples: int = 5000  # importance samples K of the final test log p(x)
-    eval_limit: int | None = None  # score the first N test images only; None: all
+    eval_limit: int | None = None  # score N test images (a fixed random subset); None: all
     seed: int = 0  # seeds the model's initial weights and training
     checkpoint_every: int | None = None  # also save every N steps within an epoch
     tensorboard: Path | None = None  # also log scalars for TensorBoard into this folder

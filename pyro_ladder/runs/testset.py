@@ -20,15 +20,36 @@ def dynamic_binarization(kind: str, likelihood: str) -> bool:
 def test_set(data, likelihood: str, limit: int | None = None, condition_dim: int = 0):
     """The test rows a run scores, ``(N, x_dim + condition_dim)``.
 
-    The first ``limit`` test rows of ``data`` (a :class:`~pyro_ladder.data.Dataset`; all
-    when None); grey images under a Bernoulli likelihood binarized once with
-    :data:`TEST_SEED`; with ``condition_dim > 0`` the one-hot label packed beside each row
-    afterwards, so a conditional run scores the same pixels as an unconditional one.
+    All test rows of ``data`` (a :class:`~pyro_ladder.data.Dataset`) when ``limit`` is
+    None or not smaller than the test set, else the ``limit`` rows :func:`test_rows`
+    picks: a fixed random subset, never the first rows (a test file may be sorted by
+    class: the statically binarized MNIST file holds its 980 zeros first, then the ones,
+    so its first 1000 images are zeros). Grey images under a Bernoulli likelihood are
+    binarized once, all of them, with :data:`TEST_SEED` (a row gets the same pixels
+    whatever the limit); with ``condition_dim > 0`` the one-hot label
+    is packed beside each row afterwards, so a conditional run scores the same pixels as
+    an unconditional one.
     """
-    test = data.test if limit is None else data.test[:limit]  # (N, x_dim)
-    if dynamic_binarization(data.kind, likelihood):
+    test = data.test  # (N_test, x_dim)
+    if dynamic_binarization(data.kind, likelihood):  # all rows: a row's pixels whatever limit
         test = binarize(test, generator=torch.Generator().manual_seed(TEST_SEED))
-    return with_labels(test, data.test_labels, condition_dim)
+    rows = test_rows(len(test), limit)
+    test = test if rows is None else test[rows]  # (N, x_dim)
+    labels = data.test_labels
+    if labels is not None and rows is not None:
+        labels = labels[rows]
+    return with_labels(test, labels, condition_dim)
+
+
+def test_rows(n: int, limit: int | None) -> torch.Tensor | None:
+    """Indices ``(limit,)`` of the test rows a run with ``limit`` scores, ascending: the
+    first ``limit`` of a permutation of ``range(n)`` drawn with :data:`TEST_SEED`, so
+    that every run and data set size picks the same rows and a smaller limit picks a
+    subset of a larger one's; None (every row) when ``limit`` is None or ``>= n``."""
+    if limit is None or limit >= n:
+        return None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(TEST_SEED))
+    return order[:limit].sort().values
 
 
 def with_labels(x: torch.Tensor, labels, condition_dim: int) -> torch.Tensor:
@@ -39,3 +60,4 @@ def with_labels(x: torch.Tensor, labels, condition_dim: int) -> torch.Tensor:
 
 
 test_set.__test__ = False  # a policy, not a pytest test function
+test_rows.__test__ = False
