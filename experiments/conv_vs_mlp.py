@@ -198,7 +198,7 @@ def table(summary: list[dict], failures: list[dict], args) -> str:
         f"training per run on {args.device} ({args.jobs} runs at a time"
         + (f"; conv channels {args.conv_channels}" if args.conv_channels else "")
         + "); log p(x) with "
-        f"K = {args.eval_samples} on the first {args.eval_limit} test images.",
+        f"K = {args.eval_samples} on {args.eval_limit} test images.",
         "",
         "| data | model | n | test log p(x) | test ELBO | KL per layer (nats) "
         "| active units per layer | epochs | steps |",
