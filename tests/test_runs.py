@@ -105,7 +105,7 @@ def test_a_conditional_test_set_packs_the_one_hot_label_beside_the_same_pixels()
 
 def test_a_limited_test_set_is_a_fixed_random_subset_not_the_first_rows():
     """A test file sorted by class (as the statically binarized MNIST file is: its first
-    980 images are zeros) must not be scored on its head: a limit picks a seeded random
+    images are zeros) must not be scored on its head: a limit picks a seeded random
     subset, the same in every run, nested across limits, in file order; its rows keep
     their own labels. Truth: the subset's class counts against the binomial spread."""
     import dataclasses

@@ -23,8 +23,8 @@ def test_set(data, likelihood: str, limit: int | None = None, condition_dim: int
     All test rows of ``data`` (a :class:`~pyro_ladder.data.Dataset`) when ``limit`` is
     None or not smaller than the test set, else the ``limit`` rows :func:`test_rows`
     picks: a fixed random subset, never the first rows (a test file may be sorted by
-    class: the statically binarized MNIST file holds its 980 zeros first, then the ones,
-    so its first 1000 images are zeros). Grey images under a Bernoulli likelihood are
+    class: the statically binarized MNIST file holds its zeros first, then the ones,
+    so its first 1000 images are nearly all zeros). Grey images under a Bernoulli likelihood are
     binarized once, all of them, with :data:`TEST_SEED` (a row gets the same pixels
     whatever the limit); with ``condition_dim > 0`` the one-hot label
     is packed beside each row afterwards, so a conditional run scores the same pixels as
