@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 import pyro.util
 import torch
 from torch import nn
@@ -39,17 +41,36 @@ def eval_mode(*modules: nn.Module):
 
 @contextlib.contextmanager
 def kept_buffers(*fns):
-    """After the block, the buffers of the modules behind ``fns`` (batch-norm running
-    statistics) are as they were before it, written back in place (no graph built inside
-    the block may be used after it). Modules are found as :func:`modules_of` finds them
-    (bound methods such as ``vae.model``); a pair of plain functions keeps its own."""
-    buffers = [(b, b.detach().clone()) for m in modules_of(*fns) for b in m.buffers()]
+    """After the block, the buffers (batch-norm running statistics) of the modules behind
+    ``fns`` (bound methods such as ``vae.model``, :func:`modules_of`) and of every module
+    whose forward runs inside the block (networks a pair of plain functions holds in
+    closures) are as they were before it, written back in place (no graph built inside the
+    block may be used after it). Yields the list of the modules that ran, in the order of
+    their first call."""
+    saved: dict = {}  # id -> (module, [(buffer, its copy)]); holding the module keeps its id
+    ran: list[nn.Module] = []
+
+    def keep(module):
+        if id(module) not in saved:
+            saved[id(module)] = (module, [(b, b.detach().clone()) for b in module.buffers()])
+            return True
+        return False
+
+    def met(module, _inputs):  # before the forward of a module
+        if keep(module) or all(module is not m for m in ran):
+            ran.append(module)
+
+    for module in modules_of(*fns):
+        keep(module)
+    handle = nn.modules.module.register_module_forward_pre_hook(met)
     try:
-        yield
+        yield ran
     finally:
+        handle.remove()
         with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
+            for _, buffers in saved.values():
+                for buffer, copy in buffers:
+                    buffer.copy_(copy)
 
 
 @contextlib.contextmanager
@@ -96,3 +117,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def rng_state() -> dict:
+    """The states of torch's, Python's and numpy's generators, as tensors and plain data,
+    and of the CUDA generators (key ``"cuda"``) once CUDA is in use."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    }
+    if torch.cuda.is_initialized():  # draws on a GPU (Pyro's samples, binarization)
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the generators from :func:`rng_state`'s result."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():  # else resumed on a CPU: new draws
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))

@@ -6,11 +6,9 @@ import collections
 import copy
 import logging
 import math
-import random
 import time
 import warnings
 
-import numpy as np
 import pyro
 import pyro.optim
 import torch
@@ -18,6 +16,7 @@ from pyro.infer import ELBO, SVI
 from tqdm.auto import tqdm
 
 from . import device as placement
+from ._util import rng_state, set_rng_state
 from .data import binarize as binarize_pixels
 from .elbo import make_elbo
 from .errors import ConfigError, TrainingError
@@ -71,11 +70,12 @@ def fit(
 
     :param elbo: an estimator name of :func:`~pyro_ladder.make_elbo` or a Pyro ELBO object.
     :param num_particles: samples per data point when ``elbo`` is a name.
-    :param compile: run the networks compiled with ``torch.compile`` (True, or a dict of its
-        options) while Pyro's tracing stays eager: ``make_elbo(elbo, num_particles,
-        compile=compile)`` (:mod:`pyro_ladder.elbo.compiled`). The first step compiles. For
-        an ``elbo`` object, wrap it yourself with
-        :class:`~pyro_ladder.elbo.CompiledNetworks`.
+    :param compile: ``True`` captures the whole training step (forward and backward) into
+        one graph and runs it compiled with ``torch.compile``; ``"networks"`` compiles only
+        the networks, Pyro's tracing eager; a dict gives ``torch.compile`` options (and
+        ``"kind"``): ``make_elbo(elbo, num_particles, compile=compile)``
+        (:mod:`pyro_ladder.elbo.captured`). The first step captures and compiles. For an
+        ``elbo`` object, wrap it yourself with :class:`~pyro_ladder.elbo.CompiledStep`.
     :param warmup_epochs: KL warm-up length; the latent terms' weight is ``epoch / warmup_epochs``
         (see :mod:`pyro_ladder.warmup`). 0 disables warm-up.
     :param seed: seeds torch, Python and numpy through ``pyro.set_rng_seed``; None leaves them.
@@ -142,7 +142,7 @@ def fit(
     if compile is not False and not isinstance(elbo, str):
         raise ConfigError(
             "compile applies to an estimator given by name; wrap an ELBO object yourself: "
-            "pyro_ladder.elbo.CompiledNetworks(elbo)"
+            "pyro_ladder.elbo.CompiledStep(elbo)"
         )
     loss_fn = make_elbo(elbo, num_particles, compile=compile) if isinstance(elbo, str) else elbo
     optim = optimizer if optimizer is not None else Adam({"lr": lr})
@@ -341,31 +341,6 @@ class _Run:
         self.epoch_rng, self.history = pos["epoch_rng"], [dict(r) for r in state["history"]]
         self.svi.optim.set_state(state["optimizer"])
         set_rng_state(state["rng"])
-
-
-def rng_state() -> dict:
-    """The states of torch's, Python's and numpy's generators, as tensors and plain data,
-    and of the CUDA generators (key ``"cuda"``) once CUDA is in use."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-    }
-    if torch.cuda.is_initialized():  # draws on a GPU (Pyro's samples, binarization)
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore the generators from :func:`rng_state`'s result."""
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():  # else resumed on a CPU: new draws
-        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def _summary_writer(log_dir):

@@ -8,6 +8,7 @@ import pyro
 import torch
 from torch import nn
 
+from ._capture import defer_check
 from ._params import register_module
 from ._util import eval_mode
 from .condition import as_condition, unpack
@@ -149,13 +150,17 @@ class LadderVAE(nn.Module):
         self._checked(x, c)
 
     def _checked(self, x, c):
-        x, c = self.split(x, c)
         if torch.jit.is_tracing():  # the values were checked on the first, untraced call
-            return x, c
+            return self.split(x, c)
+        # a captured step (compile=True) runs the value checks on each call's data, eagerly
+        defer_check(self._check_values, *((x,) if c is None else (x, c)))
+        return self.split(x, c)
+
+    def _check_values(self, x, c=None):
+        x, c = self.split(x, c)
         self.generative.likelihood.check(x)
         if c is not None and not torch.isfinite(c).all():
             raise DataError("the condition c holds NaN or infinite values: clean those rows")
-        return x, c
 
     @torch.no_grad()
     def sample(self, num: int, c=None) -> torch.Tensor:

@@ -309,7 +309,11 @@ def test_compile_reaches_fit_and_is_refused_with_lightning(tmp_path, capsys, mon
     monkeypatch.setattr(training, "fit", stop)
     with pytest.raises(_Stop):
         main(["train", "--compile", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "a")])
-    assert seen["compile"] is True
+    assert seen["compile"] == "step"
+    with pytest.raises(_Stop):
+        args = ["train", "--compile", "networks", "--epochs", "1", "--no-progress"]
+        main([*args, "--out", str(tmp_path / "c")])
+    assert seen["compile"] == "networks"
     status, _, err = _run(
         ["train", "--compile", "--devices", "2", "--out", str(tmp_path / "b")], capsys
     )

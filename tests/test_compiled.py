@@ -1,5 +1,6 @@
-"""make_elbo(name, compile=...): the networks compiled, the values and gradients those of the
-eager estimator on the same draws, batch-norm statistics included."""
+"""make_elbo(name, compile="networks"): the networks compiled, Pyro eager; the values and
+gradients those of the eager estimator on the same draws, batch-norm statistics included.
+(The whole step captured, ``compile=True``, is tested in test_captured.py.)"""
 
 import pyro
 import pytest
@@ -55,14 +56,14 @@ def test_compiled_graphs_give_the_eager_dreg_values_and_gradients():
     without inductor's kernels) give the eager numbers for the estimator that asks most of
     them: iwae-dreg runs K particles through the networks, two backward passes through one
     graph, and a pass with frozen parameters."""
-    _assert_same({"backend": "aot_eager"}, 1e-6, 1e-6, [("iwae-dreg", 5)])
+    _assert_same({"kind": "networks", "backend": "aot_eager"}, 1e-6, 1e-6, [("iwae-dreg", 5)])
 
 
 @pytest.mark.slow
 def test_compiled_graphs_give_the_eager_values_and_gradients():
     """As above for elbo and iwae (batch norm in training mode: the running statistics
     too) and iwae-dreg (about 40 s on 2 busy cores)."""
-    _assert_same({"backend": "aot_eager"}, rtol=1e-6, atol=1e-6)
+    _assert_same({"kind": "networks", "backend": "aot_eager"}, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -70,7 +71,7 @@ def test_inductor_gives_the_eager_values_and_gradients_to_rounding():
     """The default compiler (inductor: fused C++ kernels; minutes to compile on 2 cores)
     reorders float32 arithmetic: the same numbers to 1e-6 relative to each gradient's
     largest entry (measured: about 2e-7 on this network)."""
-    _assert_same(True, rtol=1e-5, atol=1e-6)
+    _assert_same("networks", rtol=1e-5, atol=1e-6)
 
 
 def test_networks_stay_eager_outside_the_estimator():
@@ -78,7 +79,7 @@ def test_networks_stay_eager_outside_the_estimator():
     are untouched."""
     vae = _vae()
     keys = set(vae.state_dict())
-    elbo = make_elbo("elbo", compile={"backend": "aot_eager"})
+    elbo = make_elbo("elbo", compile={"kind": "networks", "backend": "aot_eager"})
     assert isinstance(elbo, CompiledNetworks) and elbo.num_particles == 1
     elbo.loss(vae.model, vae.guide, _x())
     assert set(vae.state_dict()) == keys
@@ -89,7 +90,9 @@ def test_compiling_leaves_distribution_validation_as_it_was():
     """torch.compile's first use turns torch.distributions' validation off for the whole
     process; Pyro's validation (and fit's divergence checks) rest on it."""
     vae = _vae()
-    make_elbo("elbo", compile={"backend": "eager"}).loss(vae.model, vae.guide, _x())
+    make_elbo("elbo", compile={"kind": "networks", "backend": "eager"}).loss(
+        vae.model, vae.guide, _x()
+    )
     assert (
         torch.distributions.Distribution._validate_args == pyro.infer.util.is_validation_enabled()
     )
@@ -100,7 +103,8 @@ def test_compiling_leaves_distribution_validation_as_it_was():
 def test_fit_with_compile_trains_as_eager():
     data = (torch.rand(24, 12, generator=torch.Generator().manual_seed(3)) < 0.5).float()
     runs = []
-    for compile in (False, {"backend": "eager"}):  # dynamo's capture: the cheapest compile
+    # dynamo's capture: the cheapest compile
+    for compile in (False, {"kind": "networks", "backend": "eager"}):
         pyro.clear_param_store()
         vae = _vae()
         history = fit(
@@ -115,8 +119,9 @@ def test_fit_with_compile_trains_as_eager():
 @pytest.mark.parametrize(
     "name, compile, match",
     [
-        ("elbo", "yes", "compile must be True, False or a dict"),
-        ("elbo", 1, "compile must be True, False or a dict"),
+        ("elbo", "yes", "compile must be True .* 'step', 'networks'"),
+        ("elbo", 1, "compile must be True .* 'step', 'networks'"),
+        ("elbo", {"kind": "graph"}, "'kind' must be 'step' or 'networks'"),
         ("jit-elbo", True, "use 'elbo' with compile=True"),
     ],
 )
@@ -127,7 +132,7 @@ def test_bad_compile_options_are_refused(name, compile, match):
 
 def test_fit_refuses_compile_with_an_elbo_object():
     vae = _vae()
-    with pytest.raises(ConfigError, match="CompiledNetworks"):
+    with pytest.raises(ConfigError, match="CompiledStep"):
         fit(
             vae.model,
             vae.guide,

@@ -76,6 +76,14 @@ def test_a_spec_is_frozen_and_refuses_unknown_fields_and_devices():
     assert RunSpec(batch_size=1, batch_norm=False).resolved("grey").batch_size == 1
 
 
+def test_a_spec_takes_the_compile_kinds_and_refuses_others():
+    for kind in (False, True, "step", "networks"):
+        assert RunSpec(compile=kind).compile == kind
+    for bad in ("yes", 1, "graph"):
+        with pytest.raises(ConfigError, match="argument `compile` must be false, true, 'step'"):
+            RunSpec(compile=bad)
+
+
 def test_a_warm_up_that_never_ends_is_noted():
     assert RunSpec(epochs=3, warmup_epochs=2).resolved("grey").notes() == []
     assert RunSpec(epochs=3, warmup_epochs=0).resolved("grey").notes() == []

@@ -122,10 +122,14 @@ def _add_train(sub):
     )
     p.add_argument(
         "--compile",
-        action="store_true",
+        nargs="?",
+        const="step",
+        choices=("step", "networks"),
         default=_DEFAULT.compile,
-        help="run the networks compiled with torch.compile while Pyro's tracing stays eager "
-        "(same values and gradients; the first step compiles, minutes on a CPU; one process)",
+        help="compile training with torch.compile: 'step' (the default when given alone) "
+        "captures the whole step, forward and backward, into one compiled graph; 'networks' "
+        "compiles only the networks, Pyro's tracing eager. Same values and gradients; the "
+        "first step compiles (about a minute on a CPU); one process",
     )
     p.add_argument(
         "--eval-samples",

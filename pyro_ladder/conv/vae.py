@@ -9,6 +9,7 @@ import torch
 from pyro.params import param_with_module_name
 from torch import nn
 
+from .._capture import defer_check
 from .._util import eval_mode
 from ..errors import DataError
 from .config import ConvLadderConfig
@@ -99,7 +100,8 @@ class ConvLadderVAE(nn.Module):
         finite values) or a condition ``c`` is given."""
         self.split(x, c)
         if not torch.jit.is_tracing():  # the values were checked on the first, untraced call
-            self.generative.likelihood.check(x)
+            # a captured step (compile=True) runs the check on each call's data, eagerly
+            defer_check(self.generative.likelihood.check, x)
 
     @torch.no_grad()
     def sample(self, num: int) -> torch.Tensor:

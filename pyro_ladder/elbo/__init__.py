@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pyro.infer import ELBO
 
 from ..errors import ConfigError
+from .captured import CompiledStep
 from .compiled import CompiledNetworks
 from .dreg import MIWAE_DReG, PIWAE_DReG
 from .enum import EnumELBO
@@ -41,6 +42,7 @@ from .weighted import (
 __all__ = [
     "CIWAE",
     "CompiledNetworks",
+    "CompiledStep",
     "CondKLSemiGradient",
     "EnumELBO",
     "PIWAE",
@@ -127,11 +129,14 @@ def make_elbo(name: str, num_particles: int = 1, compile=False, **options) -> EL
     Particles are vectorized (one pass with a leading particle dimension) unless
     ``vectorize_particles=False`` is given. The ``jit-*`` estimators compile once per batch
     shape and silence the JIT's tracer warnings unless ``ignore_jit_warnings=False``.
-    ``compile=True`` (or a dict of ``torch.compile`` options, e.g.
-    ``{"backend": "aot_eager"}``) runs the ladder's networks compiled while Pyro's tracing
-    stays eager (:mod:`pyro_ladder.elbo.compiled`); the first step of each batch shape
-    compiles. Other ``options`` go to the Pyro class, e.g. ``max_plate_nesting`` or, for
-    ``"renyi"``, ``alpha``. Known names: see
+    ``compile=True`` (or ``"step"``, or a dict of ``torch.compile`` options such as
+    ``{"mode": "max-autotune-no-cudagraphs"}``) captures the whole training step, forward
+    and backward, into one graph and runs it compiled (:mod:`pyro_ladder.elbo.captured`;
+    the first step of each batch shape captures and compiles); ``compile="networks"`` (or
+    a dict with ``"kind": "networks"``) compiles only the ladder's networks and keeps
+    Pyro's tracing eager (:mod:`pyro_ladder.elbo.compiled`), for pairs whose step reads
+    tensor values in Python. Other ``options`` go to the Pyro class, e.g.
+    ``max_plate_nesting`` or, for ``"renyi"``, ``alpha``. Known names: see
     :data:`ESTIMATORS` or :func:`describe_estimators`.
 
     :raises ConfigError: for an unknown name, a bad particle count, an unknown option or a
@@ -157,15 +162,18 @@ def make_elbo(name: str, num_particles: int = 1, compile=False, **options) -> EL
         # shape checks in batch norm and plates trace to constants; the JIT says so at every
         # compile, which is expected here: batches keep one size (fit drops the ragged one)
         kwargs.setdefault("ignore_jit_warnings", True)
-    compile_options = _compile_options(name, compile)
+    compiled = _compile_kind(name, compile)
     estimator = est.cls(num_particles=num_particles, **kwargs)
-    if compile_options is None:
+    if compiled is None:
         return estimator
-    return CompiledNetworks(estimator, **compile_options)
+    kind, compile_options = compiled
+    wrapper = CompiledStep if kind == "step" else CompiledNetworks
+    return wrapper(estimator, **compile_options)
 
 
-def _compile_options(name: str, compile) -> dict | None:
-    """``torch.compile`` options from ``make_elbo``'s ``compile`` (None: eager)."""
+def _compile_kind(name: str, compile) -> tuple[str, dict] | None:
+    """``(kind, torch.compile options)`` from ``make_elbo``'s ``compile`` (None: eager);
+    ``kind`` is ``"step"`` (the whole step captured and compiled) or ``"networks"``."""
     if compile is False:
         return None
     if name.startswith("jit-"):
@@ -174,11 +182,18 @@ def _compile_options(name: str, compile) -> dict | None:
             f"torch.compile path use {name[4:]!r} with compile=True"
         )
     if compile is True:
-        return {}
+        return "step", {}
+    if compile in ("step", "networks"):
+        return compile, {}
     if isinstance(compile, dict):
-        return dict(compile)
+        options = dict(compile)
+        kind = options.pop("kind", "step")
+        if kind not in ("step", "networks"):
+            raise ConfigError(f"compile's 'kind' must be 'step' or 'networks', got {kind!r}")
+        return kind, options
     raise ConfigError(
-        f"compile must be True, False or a dict of torch.compile options, got {compile!r}"
+        "compile must be True (the whole step compiled), 'step', 'networks' (the networks "
+        f"compiled, Pyro eager), False or a dict of torch.compile options, got {compile!r}"
     )
 
 

@@ -77,6 +77,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 
+from .._capture import capturing
 from .._checks import check_pair_args
 from .._traces import (
     WeightLayout,
@@ -457,6 +458,8 @@ def log_dtype(site):
 
 def _same_weight(a, b) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if capturing():  # no host read in a captured step: its eager check ran this test
+            return True
         return bool(torch.as_tensor(a) == torch.as_tensor(b))
     return a == b
 
@@ -476,7 +479,7 @@ class _GivenGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, out):
-        if bool(out == 1):  # the usual case: no need to scale a copy of every gradient
+        if not capturing() and bool(out == 1):  # the usual case: no scaled copy needed
             return (None, *ctx.grads)
         return (None, *(out * g for g in ctx.grads))
 

@@ -1,0 +1,407 @@
+r"""The whole training step as one compiled graph: ``make_elbo(name, compile=True)``.
+
+``torch.compile`` cannot take a Pyro step whole: dynamo meets ``pyro.param`` for every
+parameter name and gives up (GUIDE.md). It need not. For a fixed pair, estimator and
+argument structure, a step's *tensor arithmetic* (forward, the estimator's surrogate,
+backward) is the same at every step; only Pyro's Python (handlers, traces, messages,
+registrations) stands around it. :class:`CompiledStep` therefore runs the step once under
+``torch.fx``'s ``make_fx``, which executes the Python as written with real tensors and
+records every tensor operation it dispatches, backward included
+(``torch.autograd.grad`` inside the recorded function), into one graph. The graph's inputs
+are every parameter the step registers with Pyro, every parameter and buffer of the
+modules that ran, and the tensors among the arguments; its outputs are the loss and the
+gradients, and it updates batch-norm statistics in place as the eager step does.
+``torch.compile`` compiles that graph, and each later step runs it alone: none of Pyro's
+Python runs any more, only the compiled arithmetic, then the parameter registrations that
+``SVI`` collects to know what to step.
+
+**What a capture fixes, and how it is kept honest.**
+
+* Python values: the capture is keyed by the pair, the structure, shapes, dtypes and
+  devices of the arguments, their non-tensor values (a new value captures anew: pass a KL
+  weight as a 0-dim tensor, as :func:`~pyro_ladder.fit` does), the grad mode, and the
+  train/eval modes of the modules that ran. A parameter store that no longer holds the
+  captured parameters, or holds other tensors under their names, captures anew.
+* Host reads of tensor values (``.item()``, ``if tensor:``) cannot be recorded: ``make_fx``
+  refuses them and so does this class, naming the line; ``compile="networks"``
+  (:class:`~pyro_ladder.elbo.compiled.CompiledNetworks`) serves such pairs. The ladder's
+  own reads take a path without them (:mod:`pyro_ladder._capture`); Pyro's
+  ``Trace_ELBO`` and ``TraceMeanField_ELBO`` read each site's value (``torch_item``) and
+  test the loss for NaN, which during the capture read as ``detach`` and nothing.
+* At each capture, the recorded graph (uncompiled) is run against the eager estimator on
+  the same random numbers, parameters and statistics, and the loss, every gradient and
+  every buffer must agree to a relative 1e-5 (float rounding: ``torch_item`` sums in
+  double), or the capture is refused naming what differs. Pyro's argument validation is
+  off inside the graph (as for the ``jit-*`` estimators); the ladder's data checks run on
+  every call, eagerly.
+
+**Random numbers.** Inductor draws with its own counter-based generator, seeded from
+torch's at every step: ``pyro.set_rng_seed`` makes runs repeat (a resumed run included),
+but the draws are not the eager estimator's. ``torch._inductor.config.fallback_random =
+True`` makes them the same (the tests use it to compare values and gradients).
+
+The first step of each key traces (about one eager step) and compiles (about a minute for
+the paper network on one CPU thread; docs/performance.md gives the figures and from which
+step it pays off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+
+import pyro
+import pyro.infer.trace_elbo
+import pyro.infer.trace_mean_field_elbo
+import torch
+from pyro import poutine
+from pyro.poutine.runtime import am_i_wrapped, apply_stack
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_flatten
+
+from .._capture import capture_scope
+from .._params import _param_message, _stored_as_is
+from .._util import kept_buffers, rng_state, set_rng_state
+from ..errors import ConfigError
+from .surrogate import differentiable_loss
+from .weighted import _GivenGradients
+
+__all__ = ["CompiledStep"]
+
+# Pyro's functions that read a tensor on the host inside Trace_ELBO and TraceMeanField_ELBO
+# (a site's value as a Python number; a NaN test that warns): during a capture they read
+# as ``detach`` (the same value, a float32 sum where Pyro's sums in double) and as nothing
+_HOST_READS = (pyro.infer.trace_elbo, pyro.infer.trace_mean_field_elbo)
+
+TOLERANCE = 1e-5  # relative agreement of the captured graph and the eager step
+
+
+class CompiledStep(pyro.infer.ELBO):
+    """``estimator``'s training step captured once per key and run as one compiled graph.
+
+    :param estimator: an estimator of :func:`~pyro_ladder.make_elbo` (or Pyro's) whose step
+        reads no tensor value on the host.
+    :param options: keyword arguments of ``torch.compile`` for the graph (``backend``,
+        ``mode``, ``options``); none: inductor, the default mode. ``backend="eager"`` runs
+        the captured graph uncompiled (no compile time; Pyro's Python still skipped).
+
+    ``loss`` (no gradient) runs the eager estimator. ``loss_and_grads`` and
+    ``differentiable_loss`` run the captured step; the latter returns a tensor whose
+    backward hands each parameter its captured gradient (for loops that call ``backward``
+    themselves). Attributes it does not have itself are the estimator's.
+    """
+
+    def __init__(self, estimator, **options):
+        # no ELBO.__init__: every setting is the wrapped estimator's
+        self.estimator, self.options = estimator, options
+        self._captures: dict = {}  # key -> [_Capture], one per set of module modes
+
+    def __getattr__(self, name):
+        if name in ("estimator", "options", "_captures"):  # not set yet (copy, unpickling)
+            raise AttributeError(name)
+        return getattr(self.estimator, name)
+
+    def __getstate__(self):  # captured graphs are not pickled: a copy captures anew
+        return {"estimator": self.estimator, "options": self.options, "_captures": {}}
+
+    @property
+    def captures(self) -> int:
+        """How many graphs were captured (one per key; each compiled once)."""
+        return sum(len(c) for c in self._captures.values())
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        return self.estimator.loss(model, guide, *args, **kwargs)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss, params, grads = self._step(model, guide, args, kwargs)
+        for p, g in zip(params, grads, strict=True):
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+        return loss.item()
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        loss, params, grads = self._step(model, guide, args, kwargs)
+        if not params:
+            return loss
+        return loss + _GivenGradients.apply(tuple(grads), *params)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        return self.estimator._get_trace(model, guide, args, kwargs)
+
+    def _step(self, model, guide, args, kwargs):
+        flat, spec = tree_flatten((args, kwargs))
+        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        statics = tuple(None if isinstance(a, torch.Tensor) else a for a in flat)
+        try:
+            hash(statics)
+        except TypeError:
+            raise ConfigError(
+                "compile=True keys its captured step by the arguments' non-tensor values, "
+                f"and {statics!r} holds an unhashable one: pass tensors, numbers or strings "
+                "(or use compile='networks')"
+            ) from None
+        key = (
+            _ident(model), _ident(guide), str(spec), statics,
+            tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tensors),
+            torch.is_grad_enabled(),
+        )  # fmt: skip
+        inputs = None
+        for capture in self._captures.get(key, ()):
+            inputs = capture.inputs(tensors)
+            if inputs is not None:
+                break
+        if inputs is None:
+            capture = _Capture(self.estimator, self.options, model, guide, args, kwargs)
+            self._captures.setdefault(key, []).append(capture)
+            inputs = capture.inputs(tensors)
+        return capture.run(inputs, tensors)
+
+
+def _ident(fn):
+    return id(getattr(fn, "__self__", fn)), id(getattr(fn, "__func__", fn))
+
+
+class _Capture:
+    """One captured step: its inputs' sources, the graph, and its compiled form."""
+
+    def __init__(self, estimator, options, model, guide, args, kwargs):
+        self.estimator, self.options = estimator, options
+        call = (model, guide, args, kwargs)
+        self.names, self.modules = self._explore(call)
+        self.modes = tuple(m.training for m in self.modules)
+        flat_args = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        sources = self._sources(flat_args)
+        self.pattern = _pattern(sources)
+        leaves = _unique(sources)
+        store = pyro.get_param_store()
+        stored = {id(store._params[n]) for n in self.names}
+        self.grad_at = [i for i, t in enumerate(leaves) if id(t) in stored and t.requires_grad]
+        self.graph, self.used, self.checks = self._trace(call, leaves)
+        self.check_positions = [
+            [_position(leaves, t) for t in tensors] for _, tensors in self.checks
+        ]
+        self._verify(call, leaves)
+        self.compiled = self.graph if options.get("backend") == "eager" else None
+
+    # -- what the step touches
+    def _explore(self, call):
+        """Run the eager step once, leaving no trace (random state and statistics put
+        back, no gradient kept): the names of the parameters it registers and the modules
+        that ran. The estimator's one-time probes and caches happen here, outside the
+        graph."""
+        model, guide, args, kwargs = call
+        state = rng_state()
+        try:
+            with kept_buffers() as ran, poutine.block(hide_types=["param"]):
+                with poutine.trace(param_only=True) as params:
+                    differentiable_loss(self.estimator, model, guide, *args, **kwargs)
+        finally:
+            set_rng_state(state)
+        modules = list(ran)
+        names = [n for n, s in params.trace.nodes.items() if s["type"] == "param"]
+        return names, modules
+
+    def _sources(self, tensors) -> list[torch.Tensor]:
+        """The tensors the graph reads, in input order: the store's parameters by name,
+        the modules' parameters and buffers, the arguments (with repeats)."""
+        store = pyro.get_param_store()._params
+        found = [store.get(n) for n in self.names]
+        if any(t is None for t in found):
+            return None
+        for m in self.modules:
+            found += [p for p in m._parameters.values() if p is not None]
+            found += [b for b in m._buffers.values() if b is not None]
+        return found + list(tensors)
+
+    def inputs(self, tensors):
+        """This call's input tensors, or None when the store or the modules changed in a
+        way the graph cannot follow (a fresh capture is then made)."""
+        if tuple(m.training for m in self.modules) != self.modes:
+            return None
+        sources = self._sources(tensors)
+        if sources is None or _pattern(sources) != self.pattern:
+            return None
+        return _unique(sources)
+
+    # -- capture and check
+    def _trace(self, call, leaves):
+        model, guide, args, kwargs = call
+        grad_leaves = [leaves[i] for i in self.grad_at]
+
+        def step(*inputs):  # inputs are ``leaves`` themselves: make_fx keeps their identity
+            loss = differentiable_loss(self.estimator, model, guide, *args, **kwargs)
+            grads = torch.autograd.grad(loss, grad_leaves, allow_unused=True)
+            return (loss.detach(), *[g for g in grads if g is not None]), [
+                g is not None for g in grads
+            ]
+
+        used = []
+
+        def recorded(*inputs):
+            outputs, reached = step(*inputs)
+            used[:] = reached
+            return outputs
+
+        saved, buffers = rng_state(), _saved_buffers(self.modules)
+        try:
+            with capture_scope() as checks, _host_reads_as_tensors():
+                with pyro.validation_enabled(False), poutine.block(hide_types=["param"]):
+                    graph = make_fx(recorded)(*leaves)
+        except RuntimeError as e:
+            if "_local_scalar_dense" not in str(e) and "data-dependent" not in str(e):
+                raise
+            raise ConfigError(
+                f"compile=True cannot capture this step: {_where(e)} reads a tensor's value "
+                "on the host (.item(), bool(tensor), if tensor: ...), which a captured graph "
+                "cannot repeat; use compile='networks' (the networks compiled, Pyro eager) "
+                "or no compile"
+            ) from e
+        finally:
+            set_rng_state(saved)
+            _restore(self.modules, buffers)
+        return graph, used, list(checks)
+
+    def _verify(self, call, leaves) -> None:
+        """The uncompiled graph against the eager step on the same draws: loss, gradients
+        and buffers must agree."""
+        model, guide, args, kwargs = call
+        saved, buffers = rng_state(), _saved_buffers(self.modules)
+        try:
+            with poutine.block(hide_types=["param"]):
+                loss = differentiable_loss(self.estimator, model, guide, *args, **kwargs)
+            grads = torch.autograd.grad(loss, [leaves[i] for i in self.grad_at], allow_unused=True)
+            eager = [loss.detach(), *[g for g in grads if g is not None]]
+            eager_buffers = _saved_buffers(self.modules)
+            set_rng_state(saved)
+            _restore(self.modules, buffers)
+            with torch.no_grad():
+                captured = list(self.graph(*leaves))
+            captured_buffers = _saved_buffers(self.modules)
+        finally:
+            set_rng_state(saved)
+            _restore(self.modules, buffers)
+        reached = [g is not None for g in grads]
+        if reached != self.used:
+            raise ConfigError(
+                "compile=True: the captured step reaches other parameters than the eager "
+                "step; the pair's structure changes from call to call. Use "
+                "compile='networks' or no compile"
+            )
+        names = ["the loss"] + [f"the gradient of input {i}" for i in self.grad_at]
+        pairs = [
+            *zip(names, eager, captured, strict=True),
+            *(("a buffer", a, b) for a, b in zip(eager_buffers, captured_buffers, strict=True)),
+        ]
+        for what, a, b in pairs:
+            if a.shape != b.shape or not _close(a, b):
+                raise ConfigError(
+                    f"compile=True: the captured step differs from the eager step on the "
+                    f"same draws ({what}): the pair or estimator depends on Python state the "
+                    "graph fixed at capture. Use compile='networks' or no compile"
+                )
+
+    # -- a step
+    def run(self, inputs, tensors):
+        for (check, _), positions in zip(self.checks, self.check_positions, strict=True):
+            check(*(inputs[i] for i in positions))  # the data checks, eagerly
+        if self.compiled is None:
+            self.compiled = torch.compile(self.graph, **self.options)
+        with torch.no_grad():
+            outputs = self.compiled(*inputs)
+        loss, grads = outputs[0], list(outputs[1:])
+        reached = [inputs[i] for i, used in zip(self.grad_at, self.used, strict=True) if used]
+        _announce(self.names)
+        return loss, reached, grads
+
+
+def _announce(names) -> None:
+    """Send the ``param`` messages of the step's registrations, so that ``SVI``'s
+    parameter capture (and any handler around the call) sees what the eager step shows."""
+    if not am_i_wrapped():
+        return
+    store = pyro.get_param_store()
+    for name in names:
+        param = store._params[name]
+        if _stored_as_is(store, name, param):
+            apply_stack(_param_message(name, param))
+        else:
+            pyro.param(name)
+
+
+@contextlib.contextmanager
+def _host_reads_as_tensors():
+    saved = [(m, m.torch_item, m.warn_if_nan) for m in _HOST_READS]
+    try:
+        for m in _HOST_READS:
+            m.torch_item = _detached
+            m.warn_if_nan = _unchanged
+        yield
+    finally:
+        for m, item, warn in saved:
+            m.torch_item, m.warn_if_nan = item, warn
+
+
+def _detached(x):
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
+
+def _unchanged(value, *args, **kwargs):
+    return value
+
+
+def _where(error: BaseException) -> str:
+    """The innermost frame of the failing read outside torch: ``file:line (function)``."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return "the step"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} ({f.name})"
+
+
+def _unique(items) -> list:
+    seen, out = set(), []
+    for t in items:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _pattern(sources) -> tuple | None:
+    """Which sources are the same tensor: the first position of each one's identity."""
+    if sources is None:
+        return None
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(id(t), i) for i, t in enumerate(sources))
+
+
+def _position(leaves, tensor) -> int:
+    for i, t in enumerate(leaves):
+        if t is tensor:
+            return i
+    raise ConfigError(
+        "compile=True: a data check of the pair ran on a tensor computed inside the step, "
+        "not on an argument; pass the data as an argument of the model and guide"
+    )
+
+
+def _buffers(modules):
+    return [b for m in modules for b in m._buffers.values() if b is not None]
+
+
+def _saved_buffers(modules) -> list[torch.Tensor]:
+    return [b.detach().clone() for b in _buffers(modules)]
+
+
+def _restore(modules, saved) -> None:
+    with torch.no_grad():
+        for b, old in zip(_buffers(modules), saved, strict=True):
+            b.copy_(old)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if not a.is_floating_point():
+        return bool((a == b).all())
+    return bool(((a - b).abs() <= TOLERANCE * (1 + a.abs().max())).all())

@@ -1,0 +1,282 @@
+"""make_elbo(name, compile=True): the whole step captured into one graph and compiled.
+
+The captured graph must compute what the eager estimator computes on the same draws (loss,
+every gradient, batch-norm statistics) step after step while the parameters move; refuse
+what it cannot repeat (host reads of tensor values, Python state that changes between
+calls); and capture anew when what it fixed changes (modes, non-tensor arguments, the
+parameter store). Most tests run the captured graph uncompiled (``backend="eager"``), which
+is the graph inductor compiles; one compiles it with inductor.
+"""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.infer import SVI
+from torch import nn
+
+from pyro_ladder import ConfigError, DataError, LadderVAE, fit, make_elbo
+from pyro_ladder.elbo import ESTIMATORS, CompiledStep
+from pyro_ladder.optim import Adam
+
+EAGER = {"backend": "eager"}  # the captured graph, run without compiling it
+DISCRETE = {"enum"}  # estimators whose step reads values on the host (refused, below)
+# the DReG family and vimco refuse batch norm in training mode (elbo/coupling.py)
+NO_BATCH_NORM = {"iwae-dreg", "miwae-dreg", "piwae-dreg", "rws-dreg", "vimco"}
+SINGLE = {"elbo", "meanfield", "tracegraph", "stl", "elbo-condkl-sg"}
+CAPTURED = [n for n in ESTIMATORS if not n.startswith("jit-") and n not in DISCRETE]
+
+
+def _ladder(batch_norm=True):
+    torch.manual_seed(0)
+    return LadderVAE(10, (4, 3, 2), (12, 8, 6), batch_norm=batch_norm).double()
+
+
+def _batches(n=3, rows=7, dim=10):
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.rand(rows, dim, generator=g, dtype=torch.float64) < 0.4).double() for _ in range(n)
+    ]
+
+
+def _train(vae, elbo, batches, seed=3):
+    """SVI with pyro_ladder's Adam over ``batches``: losses, then parameters and buffers."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 0.01}), elbo)
+    losses = [svi.step(x) for x in batches]
+    return losses, {k: v.clone() for k, v in vae.state_dict().items()}
+
+
+def _same_training(make_vae, elbo_of, batches, rtol=1e-12):
+    """Two identical models trained eagerly and captured: the same losses and states."""
+    eager = _train(make_vae(), elbo_of(False), batches)
+    elbo = elbo_of(EAGER)
+    captured = _train(make_vae(), elbo, batches)
+    assert isinstance(elbo, CompiledStep) and elbo.captures == 1
+    assert captured[0] == pytest.approx(eager[0], rel=rtol, abs=rtol)
+    for key, value in eager[1].items():
+        torch.testing.assert_close(captured[1][key], value, rtol=rtol, atol=rtol, msg=key)
+    return eager, captured
+
+
+@pytest.mark.parametrize("name", CAPTURED)
+def test_every_estimator_trains_captured_as_it_trains_eagerly(name):
+    """Three SVI steps from the same seed: losses, weights after Adam and batch-norm
+    statistics agree to float64 rounding, so the graph reads the live parameters and
+    buffers at every step and draws the eager step's random numbers."""
+    k = 1 if name in SINGLE else 3
+    bn = name not in NO_BATCH_NORM
+    eager, _ = _same_training(
+        lambda: _ladder(bn), lambda c: make_elbo(name, k, compile=c), _batches()
+    )
+    assert len(set(eager[0])) == 3  # the losses move: the test compares moving numbers
+
+
+def test_a_plain_pyro_pair_with_a_constrained_parameter_is_captured_exactly():
+    """A pair written in plain Pyro: networks in closures registered with pyro.module, a
+    positive pyro.param read through its constraint, batch norm in a closure. The graph
+    finds the modules by running them and the parameter through the store."""
+
+    def make():
+        torch.manual_seed(2)
+        enc = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 6))
+        dec = nn.Sequential(nn.Linear(3, 10))
+        enc.double(), dec.double()
+
+        def model(x):
+            pyro.module("dec", dec)
+            s = pyro.param("s", torch.tensor(0.7, dtype=x.dtype), constraint=constraints.positive)
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(3), s).to_event(1))
+                pyro.sample("x", dist.Bernoulli(logits=dec(z)).to_event(1), obs=x)
+
+        def guide(x):
+            pyro.module("enc", enc)
+            with pyro.plate("data", x.shape[0]):
+                loc, log_scale = enc(x).chunk(2, -1)
+                pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+        pair = nn.ModuleDict({"enc": enc, "dec": dec})
+        pair.model, pair.guide = model, guide
+        return pair
+
+    for name, k in [("elbo", 1), ("iwae", 4)]:
+        runs = []
+        for compile in (False, EAGER):
+            pair = make()
+            pyro.clear_param_store()
+            pyro.set_rng_seed(3)
+            svi = SVI(
+                pair.model, pair.guide, Adam({"lr": 0.05}), make_elbo(name, k, compile=compile)
+            )
+            losses = [svi.step(x) for x in _batches()]
+            runs.append((losses, pyro.param("s").item(), pair.state_dict()))
+        assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-12), name
+        assert runs[1][1] == pytest.approx(runs[0][1], rel=1e-12) and runs[0][1] != 0.7
+        for key, value in runs[0][2].items():
+            torch.testing.assert_close(runs[1][2][key], value, rtol=1e-12, atol=1e-12, msg=key)
+
+
+def test_differentiable_loss_hands_back_the_captured_gradients():
+    vae = _ladder()
+    state = {k: v.clone() for k, v in vae.state_dict().items()}
+    grads = []
+    for compile in (False, EAGER):
+        vae.load_state_dict(state)
+        vae.zero_grad(set_to_none=True)
+        pyro.set_rng_seed(5)
+        loss = make_elbo("iwae", 3, compile=compile).differentiable_loss(
+            vae.model, vae.guide, _batches(1)[0]
+        )
+        (2 * loss).backward()  # an incoming gradient other than 1 scales them
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in vae.named_parameters()}))
+    assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-12)
+    for key, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][key], g, rtol=1e-12, atol=1e-12, msg=key)
+
+
+def test_data_checks_run_on_every_captured_call():
+    """The graph cannot check values; the ladder's checks run eagerly on each call's data."""
+    vae = _ladder()
+    elbo = make_elbo("elbo", compile=EAGER)
+    x = _batches(1)[0]
+    elbo.loss_and_grads(vae.model, vae.guide, x)
+    with pytest.raises(DataError, match="binary"):
+        elbo.loss_and_grads(vae.model, vae.guide, x * 0.5)
+    bad = x.clone()
+    bad[2, 3] = float("nan")
+    with pytest.raises(DataError, match="NaN"):
+        elbo.loss_and_grads(vae.model, vae.guide, bad)
+    assert elbo.captures == 1
+
+
+def test_what_the_graph_fixed_changing_captures_anew():
+    vae = _ladder()
+    elbo = make_elbo("elbo", compile=EAGER)
+    x = _batches(1)[0]
+    elbo.loss_and_grads(vae.model, vae.guide, x)
+    elbo.loss_and_grads(vae.model, vae.guide, _batches(2)[1])  # new values, same shapes
+    assert elbo.captures == 1
+    elbo.loss_and_grads(vae.model, vae.guide, x[:5])  # a new batch shape
+    assert elbo.captures == 2
+    vae.eval()  # batch norm on running statistics: another graph
+    elbo.loss_and_grads(vae.model, vae.guide, x)
+    assert elbo.captures == 3
+    vae.train()
+    elbo.loss_and_grads(vae.model, vae.guide, x)
+    assert elbo.captures == 3
+    pyro.clear_param_store()  # the graph's parameters are gone from the store: anew
+    elbo.loss_and_grads(vae.model, vae.guide, x)
+    assert elbo.captures == 4
+    elbo.loss_and_grads(vae.model, vae.guide, x)
+    assert elbo.captures == 4
+    other = _ladder()  # another model: its own graph, its own parameters
+    elbo.loss_and_grads(other.model, other.guide, x)
+    assert elbo.captures == 5
+
+
+def test_a_kl_weight_given_as_a_tensor_is_an_input_not_a_constant():
+    """fit passes the warm-up's weight as a 0-dim tensor: one graph for every weight, and
+    the gradients those of the eager step at each weight."""
+    from pyro_ladder.warmup import with_kl_weight
+
+    vae = _ladder()
+    model, guide = with_kl_weight(vae.model), with_kl_weight(vae.guide)
+    state = {k: v.clone() for k, v in vae.state_dict().items()}
+    x = _batches(1)[0]
+    elbo = make_elbo("iwae", 3, compile=EAGER)
+    for beta in (0.0, 0.3, 1.0):
+        results = []
+        for e in (make_elbo("iwae", 3), elbo):
+            vae.load_state_dict(state)
+            vae.zero_grad(set_to_none=True)
+            pyro.set_rng_seed(8)
+            loss = e.loss_and_grads(model, guide, torch.tensor(beta).double(), x)
+            results.append((loss, [p.grad.clone() for p in vae.parameters()]))
+        assert results[1][0] == pytest.approx(results[0][0], rel=1e-12), beta
+        for a, b in zip(results[0][1], results[1][1], strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert elbo.captures == 1
+
+
+def test_a_host_read_in_the_pair_is_refused_naming_its_line():
+    vae = _ladder()
+
+    def model(x):
+        if x.sum() > 0:  # a Python branch on a tensor's value
+            return vae.model(x)
+        return vae.model(x)
+
+    with pytest.raises(ConfigError, match=r"test_captured\.py:\d+ \(model\) reads a tensor"):
+        make_elbo("elbo", compile=EAGER).loss_and_grads(model, vae.guide, _batches(1)[0])
+
+
+def test_the_enumerating_estimator_is_refused_by_name_of_its_read():
+    vae = _ladder()
+    with pytest.raises(ConfigError, match="compile='networks'"):
+        make_elbo("enum", compile=EAGER).loss_and_grads(vae.model, vae.guide, _batches(1)[0])
+
+
+def test_a_pair_whose_python_state_changes_between_calls_is_refused():
+    """A computation that depends on a Python counter: the graph would fix one value. The
+    check against the eager step at capture sees the difference."""
+    vae = _ladder()
+    calls = [0]
+
+    def model(x):
+        calls[0] += 1
+        with poutine.scale(scale=float(calls[0])):
+            vae.model(x)
+
+    with pytest.raises(ConfigError, match="differs from the eager step"):
+        make_elbo("elbo", compile=EAGER).loss_and_grads(model, vae.guide, _batches(1)[0])
+
+
+def test_fit_with_compile_trains_as_eager_warm_up_included():
+    data = _batches(1, rows=24)[0]
+    runs = []
+    for compile in (False, EAGER):
+        pyro.clear_param_store()
+        vae = _ladder()
+        history = fit(
+            vae.model, vae.guide, data, elbo="iwae", num_particles=3, epochs=3,
+            warmup_epochs=2, batch_size=8, progress=False, compile=compile, seed=0,
+        )  # fmt: skip
+        runs.append(([r["loss"] for r in history], vae.state_dict()))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-10)
+    for key, value in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][key], value, rtol=1e-10, atol=1e-10, msg=key)
+
+
+def test_inductor_computes_the_eager_step(monkeypatch):
+    """The compiled graph (inductor's kernels) with torch's generator for the draws
+    (fallback_random; by default inductor draws from its own): the eager loss, gradients
+    and batch-norm statistics to float32 rounding (the gradients to 1e-6 of the largest
+    entry of any: the biases in front of batch norm have a zero gradient, rounding noise
+    of 1e-7, which inductor's reordered sums change by 1e-6)."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    torch.manual_seed(0)
+    vae = LadderVAE(10, (3, 2), (8, 6))  # float32, batch norm
+    state = {k: v.clone() for k, v in vae.state_dict().items()}
+    elbo = make_elbo("iwae", 3, compile=True)
+    results = []
+    for e in (make_elbo("iwae", 3), elbo, elbo):  # the compiling call, then a compiled one
+        vae.load_state_dict(state)
+        vae.zero_grad(set_to_none=True)
+        pyro.set_rng_seed(9)
+        loss = e.loss_and_grads(vae.model, vae.guide, _batches(1)[0].float())
+        grads = {n: p.grad.clone() for n, p in vae.named_parameters()}
+        results.append((loss, grads, {n: b.clone() for n, b in vae.named_buffers()}))
+    (loss, grads, buffers), *compiled = results
+    for c_loss, c_grads, c_buffers in compiled:
+        assert c_loss == pytest.approx(loss, rel=1e-5)
+        scale = max(g.abs().max().item() for g in grads.values())
+        for key, g in grads.items():
+            torch.testing.assert_close(c_grads[key], g, rtol=1e-4, atol=1e-6 * scale, msg=key)
+        for key, b in buffers.items():
+            torch.testing.assert_close(c_buffers[key], b, rtol=1e-5, atol=1e-6, msg=key)
