@@ -19,9 +19,13 @@ Python runs any more, only the compiled arithmetic, then the parameter registrat
 
 * Python values: the capture is keyed by the pair, the structure, shapes, dtypes and
   devices of the arguments, their non-tensor values (a new value captures anew: pass a KL
-  weight as a 0-dim tensor, as :func:`~pyro_ladder.fit` does), the grad mode, and the
-  train/eval modes of the modules that ran. A parameter store that no longer holds the
-  captured parameters, or holds other tensors under their names, captures anew.
+  weight as a 0-dim tensor, as :func:`~pyro_ladder.fit` does), the grad mode, the Pyro
+  handlers around the call with their settings (``poutine.scale(scale=0.5)``, free bits),
+  and the train/eval modes of the modules that ran. A parameter store that no longer holds
+  the captured parameters, or holds other tensors under their names, captures anew.
+  Tensors the pair reads from elsewhere (an attribute, a closure) are read by reference:
+  changed in place, the graph follows them; replaced by another tensor object, it keeps
+  the one it saw. Keep such state in arguments, parameters or buffers.
 * Host reads of tensor values (``.item()``, ``if tensor:``) cannot be recorded: ``make_fx``
   refuses them and so does this class, naming the line; ``compile="networks"``
   (:class:`~pyro_ladder.elbo.compiled.CompiledNetworks`) serves such pairs. The ladder's
@@ -55,7 +59,8 @@ import pyro.infer.trace_elbo
 import pyro.infer.trace_mean_field_elbo
 import torch
 from pyro import poutine
-from pyro.poutine.runtime import am_i_wrapped, apply_stack
+from pyro.poutine.runtime import _PYRO_STACK, am_i_wrapped, apply_stack
+from pyro.poutine.trace_messenger import TraceMessenger
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten
 
@@ -145,7 +150,7 @@ class CompiledStep(pyro.infer.ELBO):
         key = (
             _ident(model), _ident(guide), str(spec), statics,
             tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tensors),
-            torch.is_grad_enabled(),
+            torch.is_grad_enabled(), _handlers(),
         )  # fmt: skip
         inputs = None
         for capture in self._captures.get(key, ()):
@@ -157,6 +162,26 @@ class CompiledStep(pyro.infer.ELBO):
             self._captures.setdefault(key, []).append(capture)
             inputs = capture.inputs(tensors)
         return capture.run(inputs, tensors)
+
+
+def _handlers() -> tuple:
+    """The Pyro handlers around the call, which the graph fixes too (``poutine.scale``'s
+    factor, ``fit``'s free bits): each one's type and settings (numbers, strings and
+    containers of them by value, anything else by identity). Trace handlers, which only
+    record (``SVI``'s parameter capture among them), are left out."""
+    return tuple(
+        (type(h), _fingerprint(vars(h))) for h in _PYRO_STACK if not isinstance(h, TraceMessenger)
+    )
+
+
+def _fingerprint(value):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_fingerprint(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((repr(k), _fingerprint(v)) for k, v in value.items())
+    return type(value).__name__, id(value)
 
 
 def _ident(fn):
