@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of issue 14, in one go (about 7 minutes on one H200), from the repository
+# The GPU check of issue 14, in one go (about 7 minutes on one H200, 11 with the compiled
+# part, which has not run on a GPU yet), from the repository
 # root of a copy of the working tree:
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh              # on the GPU machine
@@ -12,7 +13,8 @@
 # test log-likelihood at K=5000 on 100 images), eval (K=5000 throughput, library against
 # reference, several pass sizes), bench (the runner's library/reference step ratios,
 # `python3 -m benchmarks --only train,eval --device $DEVICE`), fit (fit(device=) step
-# times). A part that fails or runs out of time is recorded as such and the next runs.
+# times), compiled (`--only compiled`: compile=True against the eager and the compiled
+# reference). A part that fails or runs out of time is recorded as such and the next runs.
 # Writes $OUT/gpu_check.json (every part's result, exit code, seconds, and the log tail of
 # a failed one), $OUT/gpu_check.log, $OUT/benchmark.json and $OUT/tests.xml.
 #
@@ -25,7 +27,7 @@ OUT=${OUT:?set OUT to the folder for the results}
 DEVICE=${DEVICE:-cuda}
 TINY=${TINY:-0}
 DATA_DIR=${DATA_DIR:-.gpu_data}
-BUDGET=${BUDGET:-420}  # seconds for all parts; the last ones are skipped past it
+BUDGET=${BUDGET:-660}  # seconds for all parts; the last ones are skipped past it
 PY=${PYTHON:-python3}
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 mkdir -p "$OUT"
@@ -80,6 +82,11 @@ part bench 150 $PY -m benchmarks --only train,eval --threads "$OMP_NUM_THREADS" 
 [ -f "$OUT/benchmark.json" ] && cp "$OUT/benchmark.json" "$WORK/bench.json"
 part fit 60 $PY benchmarks/gpu_check.py fit --device "$DEVICE" --data-dir "$DATA_DIR" \
     ${tiny[@]+"${tiny[@]}"} --out "$WORK/fit.json"
+# the whole step compiled (compile=True) against the eager and the compiled reference
+if [ "$TINY" = 1 ]; then comp_size=(--tiny --compile-backend eager); else comp_size=(--repeats 10); fi
+part compiled 240 $PY -m benchmarks --only compiled --threads "$OMP_NUM_THREADS" \
+    --device "$DEVICE" --data-dir "$DATA_DIR" "${comp_size[@]}" --out "$OUT/compiled.json"
+[ -f "$OUT/compiled.json" ] && cp "$OUT/compiled.json" "$WORK/compiled.json"
 
 $PY benchmarks/gpu_check.py summary --work "$WORK" --out "$OUT/gpu_check.json" >/dev/null \
     || echo "{\"summary_failed\": true, \"work\": \"$WORK\"}" >"$OUT/gpu_check.json"
