@@ -251,7 +251,7 @@ def test_fit_with_compile_trains_as_eager_warm_up_included():
         torch.testing.assert_close(runs[1][1][key], value, rtol=1e-10, atol=1e-10, msg=key)
 
 
-def test_inductor_computes_the_eager_step(monkeypatch):
+def test_inductor_computes_the_eager_step():
     """The compiled graph (inductor's kernels) with torch's generator for the draws
     (fallback_random; by default inductor draws from its own): the eager loss, gradients
     and batch-norm statistics to float32 rounding (the gradients to 1e-6 of the largest
@@ -259,7 +259,6 @@ def test_inductor_computes_the_eager_step(monkeypatch):
     of 1e-7, which inductor's reordered sums change by 1e-6)."""
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     torch.manual_seed(0)
     vae = LadderVAE(10, (3, 2), (8, 6))  # float32, batch norm
     state = {k: v.clone() for k, v in vae.state_dict().items()}
@@ -269,7 +268,8 @@ def test_inductor_computes_the_eager_step(monkeypatch):
         vae.load_state_dict(state)
         vae.zero_grad(set_to_none=True)
         pyro.set_rng_seed(9)
-        loss = e.loss_and_grads(vae.model, vae.guide, _batches(1)[0].float())
+        with torch._inductor.config.patch(fallback_random=True):
+            loss = e.loss_and_grads(vae.model, vae.guide, _batches(1)[0].float())
         grads = {n: p.grad.clone() for n, p in vae.named_parameters()}
         results.append((loss, grads, {n: b.clone() for n, b in vae.named_buffers()}))
     (loss, grads, buffers), *compiled = results
