@@ -312,3 +312,33 @@ def test_fit_with_free_bits_and_compile_trains_as_eager():
         )  # fmt: skip
         runs.append([r["loss"] for r in history])
     assert runs[1] == pytest.approx(runs[0], rel=1e-10)
+
+
+def test_a_pair_made_after_another_is_freed_gets_its_own_graph():
+    """The key names the pair by identity; the graph keeps the pair's functions alive, so
+    functions made after the first are dropped cannot take their identity (and their
+    graph, which would step the old model's parameters)."""
+    import gc
+    import weakref
+
+    elbo = make_elbo("elbo", compile=EAGER)
+    x = _batches(1)[0]
+
+    def train(vae, elbo):
+        model, guide = (lambda x: vae.model(x)), (lambda x: vae.guide(x))
+        pyro.set_rng_seed(0)
+        SVI(model, guide, Adam({"lr": 0.01}), elbo).step(x)
+        return weakref.ref(model)
+
+    alive = train(_ladder(), elbo)
+    gc.collect()
+    assert alive() is not None  # held by the graph: its identity cannot be reused
+    second = _ladder()
+    before = {k: v.clone() for k, v in second.state_dict().items()}
+    train(second, elbo)
+    assert elbo.captures == 2
+    moved = [k for k, v in second.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("weight" in k for k in moved)
+    del elbo
+    gc.collect()
+    assert alive() is None  # and no longer than the estimator

@@ -184,8 +184,14 @@ def _fingerprint(value):
     return type(value).__name__, id(value)
 
 
-def _ident(fn):
-    return id(getattr(fn, "__self__", fn)), id(getattr(fn, "__func__", fn))
+def _owners(fn) -> tuple:
+    """What identifies a callable: the object and function behind a bound method (a new
+    bound method object is made at each ``vae.model``), or the callable itself."""
+    return getattr(fn, "__self__", fn), getattr(fn, "__func__", fn)
+
+
+def _ident(fn) -> tuple:
+    return tuple(id(x) for x in _owners(fn))
 
 
 class _Capture:
@@ -193,6 +199,9 @@ class _Capture:
 
     def __init__(self, estimator, options, model, guide, args, kwargs):
         self.estimator, self.options = estimator, options
+        # what the key names by identity stays alive with the graph, so that no other
+        # pair can take its ids while the graph is kept
+        self.owners = [x for fn in (model, guide) for x in _owners(fn)]
         call = (model, guide, args, kwargs)
         self.names, self.modules = self._explore(call)
         self.modes = tuple(m.training for m in self.modules)
