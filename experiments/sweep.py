@@ -3,7 +3,8 @@
 Shared by ``seeds.py`` and ``conv_vs_mlp.py``. The parent writes each run's settings to
 ``<out>/specs/<name>.json``, starts one process per run (``python <script> --worker
 <spec>``, at most ``jobs`` at a time, one torch thread each) and waits; every process writes
-its own ``<out>/runs/<name>.json`` and its log to ``<out>/logs/<name>.log``. A run that
+its own ``<out>/runs/<name>.json``, its weights to ``<out>/weights/<name>.pt`` and its log
+to ``<out>/logs/<name>.log``. A run that
 fails, or is still running at the sweep's deadline, is listed with the reason and the end
 of its log; the summary (mean and sample standard deviation over seeds) is built from the
 runs that finished.
@@ -208,9 +209,22 @@ def train(vae, data: dict, spec: dict) -> dict:
     except BudgetSpent:
         pass
     _synchronize(spec["device"])
+    _save_weights(vae, spec)
     return {**_position(last["state"], len(data["train"]) // spec["batch_size"]),
             "train_seconds": time.perf_counter() - start,
             "train_cpu_seconds": time.process_time() - start_cpu}  # fmt: skip
+
+
+def _save_weights(vae, spec: dict) -> None:
+    """The trained weights as ``<out>/weights/<name>.pt`` (written whole or not at all),
+    so that a run can be scored again without training it again."""
+    if "out" not in spec:
+        return
+    target = Path(spec["out"]) / "weights" / f"{spec['name']}.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    torch.save({k: v.cpu() for k, v in vae.state_dict().items()}, tmp)
+    tmp.replace(target)
 
 
 def _position(state: dict, steps_per_epoch: int) -> dict:

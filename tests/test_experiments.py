@@ -141,6 +141,23 @@ def test_sweep_budget_training_stops_where_it_says():
     assert not same(pe, pd) and not same(pe, initial)
 
 
+def test_sweep_training_saves_the_trained_weights(tmp_path):
+    """A run's weights land in <out>/weights/<name>.pt, so it can be scored again."""
+    from pyro_ladder import LadderVAE
+
+    sweep = _load("sweep")
+    x = torch.rand(16, 6).round()
+    spec = {"seed": 3, "epochs": 1, "batch_size": 8, "lr": 1e-2, "warmup_epochs": 0,
+            "device": "cpu", "out": str(tmp_path), "name": "run-a"}
+    torch.manual_seed(1)
+    vae = LadderVAE(6, (3, 2), (8, 4))
+    sweep.train(vae, {"train": x, "binarize": True}, spec)
+    saved = torch.load(tmp_path / "weights" / "run-a.pt", weights_only=True)
+    assert saved.keys() == vae.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in vae.state_dict().items())
+    assert not list((tmp_path / "weights").glob("*.tmp"))
+
+
 def test_seeds_ladder_gains_paired_by_seed():
     """Differences top-down minus bottom-up per seed; an unpaired seed is left out."""
     seeds = _load("seeds")
