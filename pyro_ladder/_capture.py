@@ -27,7 +27,7 @@ def capturing() -> bool:
 @contextlib.contextmanager
 def capture_scope():
     """Mark a capture in progress; yields the list that collects :func:`defer_check`'s
-    ``(fn, tensors)`` pairs."""
+    ``(fn, tensors, required)``."""
     if capturing():
         raise RuntimeError("a step is being captured already; captures do not nest")
     checks: list = []
@@ -38,10 +38,12 @@ def capture_scope():
         _STATE["checks"] = None
 
 
-def defer_check(fn, *tensors) -> None:
+def defer_check(fn, *tensors, required: bool = True) -> None:
     """Inside a capture, record ``fn(*tensors)`` to be run eagerly, outside the graph, on
-    each later call's tensors in the place of these; outside one, run it now."""
+    each later call's tensors in the place of these (``tensors`` must be arguments of the
+    step; one that is not refuses the capture when ``required``, else the check is
+    dropped); outside a capture, run it now."""
     if not capturing():
         fn(*tensors)
         return
-    _STATE["checks"].append((fn, tensors))
+    _STATE["checks"].append((fn, tensors, required))

@@ -9,8 +9,11 @@ and :func:`unpack` splits it again inside a model or guide.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from ._capture import defer_check
 from .errors import DataError
 
 
@@ -26,13 +29,20 @@ def one_hot(labels, num_classes: int, dtype: torch.dtype = torch.float32) -> tor
             f"class labels must be integers, got a {labels.dtype} tensor: pass integer labels "
             f"in [0, {num_classes}), or a (N, {num_classes}) float condition"
         )
+    # a captured step (compile=True) runs the range check on each call's labels, eagerly
+    defer_check(functools.partial(_check_label_range, num_classes=num_classes), labels)
+    # one-hot by comparison: torch's one_hot reads the labels' range on the host
+    classes = torch.arange(num_classes, device=labels.device)
+    return (labels.long().unsqueeze(-1) == classes).to(dtype)  # (..., num_classes)
+
+
+def _check_label_range(labels: torch.Tensor, num_classes: int) -> None:
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         bad = labels[(labels < 0) | (labels >= num_classes)].flatten()[:5].tolist()
         raise DataError(
             f"class labels must lie in [0, {num_classes}) for {num_classes} classes, got {bad}: "
             f"build the model with condition_dim equal to the number of classes"
         )
-    return torch.nn.functional.one_hot(labels.long(), num_classes).to(dtype)
 
 
 def as_condition(c, num_rows: int, condition_dim: int, like: torch.Tensor) -> torch.Tensor:
@@ -44,17 +54,22 @@ def as_condition(c, num_rows: int, condition_dim: int, like: torch.Tensor) -> to
     :raises DataError: when ``c`` has another shape, an out-of-range label or NaN.
     """
     c = torch.as_tensor(c, device=like.device)
-    if not c.is_floating_point():
+    if not c.is_floating_point():  # one-hot rows: finite by construction
         c = one_hot(c.expand(num_rows) if c.dim() == 0 else c, condition_dim, like.dtype)
+    else:  # on each call's c in a captured step (a c cut from packed data: by the model)
+        defer_check(_check_finite_condition, c, required=False)
     if tuple(c.shape) != (num_rows, condition_dim):
         raise DataError(
             f"a condition of shape {tuple(c.shape)} does not fit {num_rows} rows of a model "
             f"with condition_dim={condition_dim}: pass integer labels ({num_rows},) or a float "
             f"condition ({num_rows}, {condition_dim})"
         )
+    return c.to(like.dtype)
+
+
+def _check_finite_condition(c: torch.Tensor) -> None:
     if not torch.isfinite(c).all():
         raise DataError("the condition c holds NaN or infinite values")
-    return c.to(like.dtype)
 
 
 def pack(x: torch.Tensor, c, num_classes: int | None = None) -> torch.Tensor:

@@ -52,19 +52,27 @@ step it pays off).
 from __future__ import annotations
 
 import contextlib
+import functools
+import numbers
+import random
 import traceback
+import warnings
 
+import numpy as np
 import pyro
 import pyro.infer.trace_elbo
 import pyro.infer.trace_mean_field_elbo
 import torch
 from pyro import poutine
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK, am_i_wrapped, apply_stack
 from pyro.poutine.trace_messenger import TraceMessenger
+from torch.distributions import constraints
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten
 
-from .._capture import capture_scope
+from .._capture import capture_scope, defer_check
 from .._params import _param_message, _stored_as_is
 from .._util import kept_buffers, rng_state, set_rng_state
 from ..errors import ConfigError
@@ -79,6 +87,13 @@ __all__ = ["CompiledStep"]
 _HOST_READS = (pyro.infer.trace_elbo, pyro.infer.trace_mean_field_elbo)
 
 TOLERANCE = 1e-5  # relative agreement of the captured graph and the eager step
+WARN_CAPTURES = 8  # captures by one estimator past which it says what keeps changing
+MAX_CAPTURES = 32  # captures kept by one estimator (the oldest go first)
+KEY_PARTS = (
+    "the model", "the guide", "the arguments' structure", "non-tensor arguments",
+    "argument shapes, dtypes or devices", "autocast", "Pyro handlers around the call",
+    "the estimator's settings",
+)  # fmt: skip
 
 
 class CompiledStep(pyro.infer.ELBO):
@@ -96,18 +111,31 @@ class CompiledStep(pyro.infer.ELBO):
     themselves). Attributes it does not have itself are the estimator's.
     """
 
+    _OWN = ("estimator", "options", "_captures", "_warned")
+
     def __init__(self, estimator, **options):
         # no ELBO.__init__: every setting is the wrapped estimator's
-        self.estimator, self.options = estimator, options
-        self._captures: dict = {}  # key -> [_Capture], one per set of module modes
+        object.__setattr__(self, "estimator", estimator)
+        object.__setattr__(self, "options", options)
+        object.__setattr__(self, "_captures", {})  # key -> [_Capture], oldest first
+        object.__setattr__(self, "_warned", False)
 
     def __getattr__(self, name):
-        if name in ("estimator", "options", "_captures"):  # not set yet (copy, unpickling)
+        if name in self._OWN:  # not set yet (copy, unpickling)
             raise AttributeError(name)
         return getattr(self.estimator, name)
 
+    def __setattr__(self, name, value):  # a setting (num_particles ...) is the estimator's
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.estimator, name, value)
+
     def __getstate__(self):  # captured graphs are not pickled: a copy captures anew
-        return {"estimator": self.estimator, "options": self.options, "_captures": {}}
+        return {"estimator": self.estimator, "options": self.options}
+
+    def __setstate__(self, state):
+        self.__init__(state["estimator"], **state["options"])
 
     @property
     def captures(self) -> int:
@@ -118,8 +146,11 @@ class CompiledStep(pyro.infer.ELBO):
         return self.estimator.loss(model, guide, *args, **kwargs)
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        if not torch.is_grad_enabled():  # no gradient to capture: as the estimator does
+            return self.estimator.loss_and_grads(model, guide, *args, **kwargs)
         loss, params, grads = self._step(model, guide, args, kwargs)
         for p, g in zip(params, grads, strict=True):
+            g = g if g.dtype == p.dtype else g.to(p.dtype)
             if p.grad is None:
                 p.grad = g
             else:
@@ -127,6 +158,8 @@ class CompiledStep(pyro.infer.ELBO):
         return loss.item()
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self.estimator.differentiable_loss(model, guide, *args, **kwargs)
         loss, params, grads = self._step(model, guide, args, kwargs)
         if not params:
             return loss
@@ -139,29 +172,87 @@ class CompiledStep(pyro.infer.ELBO):
         flat, spec = tree_flatten((args, kwargs))
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
         statics = tuple(None if isinstance(a, torch.Tensor) else a for a in flat)
-        try:
-            hash(statics)
-        except TypeError:
-            raise ConfigError(
-                "compile=True keys its captured step by the arguments' non-tensor values, "
-                f"and {statics!r} holds an unhashable one: pass tensors, numbers or strings "
-                "(or use compile='networks')"
-            ) from None
-        key = (
-            _ident(model), _ident(guide), str(spec), statics,
-            tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tensors),
-            torch.is_grad_enabled(), _handlers(),
-        )  # fmt: skip
+        _check_arguments(tensors, statics)
+
+        def key():
+            return (
+                _ident(model), _ident(guide), str(spec), statics,
+                tuple((t.shape, t.dtype, t.device) for t in tensors),
+                _autocast(), _handlers(), _settings(self.estimator),
+            )  # fmt: skip
+
         inputs = None
-        for capture in self._captures.get(key, ()):
+        for capture in self._captures.get(key(), ()):
             inputs = capture.inputs(tensors)
             if inputs is not None:
                 break
         if inputs is None:
             capture = _Capture(self.estimator, self.options, model, guide, args, kwargs)
-            self._captures.setdefault(key, []).append(capture)
+            # keyed after the capture: an estimator's first call settles some settings
+            # (Pyro's guess of max_plate_nesting)
+            self._keep(key(), capture)
             inputs = capture.inputs(tensors)
         return capture.run(inputs, tensors)
+
+    def _keep(self, key, capture) -> None:
+        """Store a new capture; past :data:`MAX_CAPTURES` the oldest goes, and a warning
+        says what keeps changing (each capture traces again, and compiles again)."""
+        if self._captures and not self._warned and self.captures + 1 >= WARN_CAPTURES:
+            last = next(reversed(self._captures))
+            changed = [n for n, a, b in zip(KEY_PARTS, last, key, strict=True) if a != b]
+            warnings.warn(
+                f"compile=True has captured {self.captures + 1} graphs: "
+                f"{', '.join(changed) or 'the parameters or modules'} changed since the "
+                "last call; each capture traces and compiles again. Pass values that change "
+                "as tensor arguments, or use compile='networks'",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._warned = True
+        self._captures.setdefault(key, []).append(capture)
+        while self.captures > MAX_CAPTURES:  # the oldest key's oldest capture
+            oldest = next(iter(self._captures))
+            self._captures[oldest].pop(0)
+            if not self._captures[oldest]:
+                del self._captures[oldest]
+
+
+def _check_arguments(tensors, statics) -> None:
+    """Refuse arguments a captured step cannot serve: a tensor that requires a gradient
+    (the eager step would backpropagate into it and into what computed it) and a
+    non-tensor value the key cannot compare by value."""
+    if any(t.requires_grad for t in tensors):
+        raise ConfigError(
+            "compile=True: an argument tensor requires grad, so the eager step would send "
+            "gradients into it (and into the networks that computed it), which the captured "
+            "graph does not: pass it detached, or use compile='networks'"
+        )
+    bad = [v for v in statics if not _by_value(v)]
+    if bad:
+        raise ConfigError(
+            f"compile=True fixes non-tensor arguments in its graph and tells them apart by "
+            f"value, which it cannot do for {bad[0]!r} ({type(bad[0]).__name__}): pass "
+            "tensors, numbers, strings or None, or use compile='networks'"
+        )
+
+
+def _by_value(value) -> bool:
+    """Is ``value`` compared by value in a key (numbers, NumPy's scalars included)?"""
+    return value is None or isinstance(value, (numbers.Number, str, torch.dtype, torch.device))
+
+
+def _autocast() -> tuple:
+    """Autocast's state on the CPU and CUDA: a graph recorded under it computes in its
+    dtypes."""
+    return tuple(
+        (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
+    )
+
+
+def _settings(estimator) -> tuple:
+    """The estimator's plain settings (``num_particles``, ``alpha`` ...), fixed in the
+    graph: a change captures anew."""
+    return tuple((k, v) for k, v in vars(estimator).items() if _by_value(v))
 
 
 def _handlers() -> tuple:
@@ -175,13 +266,29 @@ def _handlers() -> tuple:
 
 
 def _fingerprint(value):
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if _by_value(value):
         return value
     if isinstance(value, (list, tuple)):
         return tuple(_fingerprint(v) for v in value)
     if isinstance(value, dict):
         return tuple((repr(k), _fingerprint(v)) for k, v in value.items())
-    return type(value).__name__, id(value)
+    return _Same(value)
+
+
+class _Same:
+    """A key part that compares by identity and keeps its object alive, so that no other
+    object can take its ``id`` while a key holds it."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
 
 
 def _owners(fn) -> tuple:
@@ -191,7 +298,7 @@ def _owners(fn) -> tuple:
 
 
 def _ident(fn) -> tuple:
-    return tuple(id(x) for x in _owners(fn))
+    return tuple(_Same(x) for x in _owners(fn))
 
 
 class _Capture:
@@ -199,23 +306,23 @@ class _Capture:
 
     def __init__(self, estimator, options, model, guide, args, kwargs):
         self.estimator, self.options = estimator, options
-        # what the key names by identity stays alive with the graph, so that no other
-        # pair can take its ids while the graph is kept
-        self.owners = [x for fn in (model, guide) for x in _owners(fn)]
         call = (model, guide, args, kwargs)
         self.names, self.modules = self._explore(call)
-        self.modes = tuple(m.training for m in self.modules)
+        self.state = _module_state(self.modules)
         flat_args = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         sources = self._sources(flat_args)
         self.pattern = _pattern(sources)
         leaves = _unique(sources)
-        store = pyro.get_param_store()
-        stored = {id(store._params[n]) for n in self.names}
-        self.grad_at = [i for i, t in enumerate(leaves) if id(t) in stored and t.requires_grad]
-        self.graph, self.used, self.checks = self._trace(call, leaves)
-        self.check_positions = [
-            [_position(leaves, t) for t in tensors] for _, tensors in self.checks
+        # every leaf that takes a gradient gets it, as in the eager step: the registered
+        # parameters and those of modules that ran without being registered
+        self.grad_at = [i for i, t in enumerate(leaves) if t.requires_grad]
+        self.graph, self.used, checks = self._trace(call, leaves)
+        self.checks = [
+            (fn, positions)
+            for fn, tensors, required in checks
+            if (positions := _positions(leaves, tensors, required)) is not None
         ]
+        _check_constants(self.graph)
         self._verify(call, leaves)
         self.compiled = self.graph if options.get("backend") == "eager" else None
 
@@ -231,8 +338,15 @@ class _Capture:
             with kept_buffers() as ran, poutine.block(hide_types=["param"]):
                 with poutine.trace(param_only=True) as params:
                     differentiable_loss(self.estimator, model, guide, *args, **kwargs)
+            host_random = random.getstate() != state["python"] or not _same_numpy(state)
         finally:
             set_rng_state(state)
+        if host_random:
+            raise ConfigError(
+                "compile=True: the step draws from Python's or NumPy's random generator, "
+                "whose draws a graph would fix at their first values; draw with torch "
+                "(torch.randperm, torch.multinomial ...), or use compile='networks'"
+            )
         modules = list(ran)
         names = [n for n, s in params.trace.nodes.items() if s["type"] == "param"]
         return names, modules
@@ -252,7 +366,7 @@ class _Capture:
     def inputs(self, tensors):
         """This call's input tensors, or None when the store or the modules changed in a
         way the graph cannot follow (a fresh capture is then made)."""
-        if tuple(m.training for m in self.modules) != self.modes:
+        if _module_state(self.modules) != self.state:
             return None
         sources = self._sources(tensors)
         if sources is None or _pattern(sources) != self.pattern:
@@ -280,7 +394,8 @@ class _Capture:
 
         saved, buffers = rng_state(), _saved_buffers(self.modules)
         try:
-            with capture_scope() as checks, _host_reads_as_tensors():
+            validate = is_validation_enabled()
+            with capture_scope() as checks, _host_reads_as_tensors(), _DeferSupport(validate):
                 with pyro.validation_enabled(False), poutine.block(hide_types=["param"]):
                     graph = make_fx(recorded)(*leaves)
         except RuntimeError as e:
@@ -323,7 +438,8 @@ class _Capture:
                 "step; the pair's structure changes from call to call. Use "
                 "compile='networks' or no compile"
             )
-        names = ["the loss"] + [f"the gradient of input {i}" for i in self.grad_at]
+        reached_at = [i for i, used in zip(self.grad_at, self.used, strict=True) if used]
+        names = ["the loss"] + [f"the gradient of input {i}" for i in reached_at]
         pairs = [
             *zip(names, eager, captured, strict=True),
             *(("a buffer", a, b) for a, b in zip(eager_buffers, captured_buffers, strict=True)),
@@ -338,7 +454,7 @@ class _Capture:
 
     # -- a step
     def run(self, inputs, tensors):
-        for (check, _), positions in zip(self.checks, self.check_positions, strict=True):
+        for check, positions in self.checks:
             check(*(inputs[i] for i in positions))  # the data checks, eagerly
         if self.compiled is None:
             self.compiled = torch.compile(self.graph, **self.options)
@@ -362,6 +478,34 @@ def _announce(names) -> None:
             apply_stack(_param_message(name, param))
         else:
             pyro.param(name)
+
+
+class _DeferSupport(Messenger):
+    """Pyro's validation of an observed value against its distribution's support, which
+    the graph cannot do, deferred to each call (when validation is on): for values that
+    are arguments and supports that do not depend on the distribution's parameters."""
+
+    def __init__(self, validate: bool):
+        super().__init__()
+        self.validate = validate
+
+    def _postprocess_message(self, msg) -> None:
+        if not self.validate or msg["type"] != "sample" or not msg["is_observed"]:
+            return
+        support = msg["fn"].support
+        base = getattr(support, "base_constraint", support)
+        if not isinstance(msg["value"], torch.Tensor) or constraints.is_dependent(base):
+            return
+        check = functools.partial(_check_support, msg["name"], support)
+        defer_check(check, msg["value"], required=False)
+
+
+def _check_support(name, support, value) -> None:
+    if not bool(support.check(value).all()):
+        raise ValueError(
+            f"observed site {name!r}: a value lies outside the support of its distribution "
+            f"({support}); Pyro's validation refuses it in the eager step"
+        )
 
 
 @contextlib.contextmanager
@@ -411,14 +555,57 @@ def _pattern(sources) -> tuple | None:
     return tuple(first.setdefault(id(t), i) for i, t in enumerate(sources))
 
 
-def _position(leaves, tensor) -> int:
-    for i, t in enumerate(leaves):
-        if t is tensor:
-            return i
+def _positions(leaves, tensors, required: bool) -> list[int] | None:
+    """Where ``tensors`` are among the graph's inputs; None for an optional check on a
+    tensor computed inside the step (a required one is refused)."""
+    where = {id(t): i for i, t in enumerate(leaves)}
+    if all(id(t) in where for t in tensors):
+        return [where[id(t)] for t in tensors]
+    if not required:
+        return None
     raise ConfigError(
         "compile=True: a data check of the pair ran on a tensor computed inside the step, "
         "not on an argument; pass the data as an argument of the model and guide"
     )
+
+
+def _module_state(modules) -> tuple:
+    """Each module's plain settings (train/eval mode, batch norm's momentum ...) and
+    which of its parameters take a gradient: what the graph fixed about it."""
+    return tuple(
+        (
+            tuple((k, v) for k, v in vars(m).items() if _by_value(v)),
+            tuple(p.requires_grad for p in m._parameters.values() if p is not None),
+        )
+        for m in modules
+    )
+
+
+def _check_constants(graph) -> None:
+    """Refuse a graph that reads a tensor from outside its inputs (an attribute or a
+    closure of the pair): the graph would keep that tensor object, so replacing it (a new
+    value each step) would go unseen. Tensors the step builds from Python numbers
+    (``torch.tensor(0.5)``) are copied into the graph, and are fine."""
+    for node in graph.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = getattr(graph, node.target)
+        fresh = all(user.target is torch.ops.aten.lift_fresh_copy.default for user in node.users)
+        if isinstance(value, torch.Tensor) and not fresh:
+            raise ConfigError(
+                "compile=True: the step reads a tensor of shape "
+                f"{tuple(value.shape)} that is neither an argument, a parameter Pyro "
+                "registers, nor a parameter or buffer of a module that ran (an attribute or "
+                "a closure of the pair); a captured graph would keep that very tensor. Pass "
+                "it as an argument, register it as a module buffer, or use "
+                "compile='networks'"
+            )
+
+
+def _same_numpy(state) -> bool:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    saved = state["numpy"]
+    return bool(np.array_equal(keys, saved[1].numpy().astype(np.uint32))) and pos == saved[2]
 
 
 def _buffers(modules):
