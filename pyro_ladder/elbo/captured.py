@@ -15,29 +15,39 @@ gradients, and it updates batch-norm statistics in place as the eager step does.
 Python runs any more, only the compiled arithmetic, then the parameter registrations that
 ``SVI`` collects to know what to step.
 
-**What a capture fixes, and how it is kept honest.**
+**What a capture fixes, and how it is kept honest.** A graph repeats the tensor
+arithmetic of one call; whatever Python decided during that call is fixed in it. So:
 
-* Python values: the capture is keyed by the pair, the structure, shapes, dtypes and
-  devices of the arguments, their non-tensor values (a new value captures anew: pass a KL
-  weight as a 0-dim tensor, as :func:`~pyro_ladder.fit` does), the grad mode, the Pyro
-  handlers around the call with their settings (``poutine.scale(scale=0.5)``, free bits),
-  and the train/eval modes of the modules that ran. A parameter store that no longer holds
-  the captured parameters, or holds other tensors under their names, captures anew.
-  Tensors the pair reads from elsewhere (an attribute, a closure) are read by reference:
-  changed in place, the graph follows them; replaced by another tensor object, it keeps
-  the one it saw. Keep such state in arguments, parameters or buffers.
-* Host reads of tensor values (``.item()``, ``if tensor:``) cannot be recorded: ``make_fx``
-  refuses them and so does this class, naming the line; ``compile="networks"``
+* **Captured anew** when it changes: the pair, the arguments' structure, shapes, dtypes
+  and devices, their non-tensor values (numbers, strings, None, dtypes, devices: pass a KL
+  weight as a 0-dim tensor, as :func:`~pyro_ladder.fit` does, and one graph serves every
+  weight), the Pyro handlers around the call with their settings (``poutine.scale``'s
+  factor, free bits), autocast, the estimator's plain settings (``num_particles`` ...),
+  and, for each module that ran, its plain settings (train/eval mode, batch norm's
+  momentum) and which of its parameters take a gradient; likewise a parameter store that
+  no longer holds the graph's parameters, or holds other tensors under their names. After
+  ``WARN_CAPTURES`` (8) captures a warning names what keeps changing; at most
+  ``MAX_CAPTURES`` (32) are kept.
+* **Refused, with the cause named**: a host read of a tensor's value (``.item()``, ``if
+  tensor:``; ``make_fx`` cannot record it; the message gives the line), a tensor the step
+  reads from outside its inputs (an attribute or a closure, whose replacement the graph
+  would not see), a draw from Python's or NumPy's generator (the graph would repeat the
+  first draw), an argument that requires grad (the eager step would backpropagate into
+  it), a non-tensor argument that cannot be compared by value. ``compile="networks"``
   (:class:`~pyro_ladder.elbo.compiled.CompiledNetworks`) serves such pairs. The ladder's
   own reads take a path without them (:mod:`pyro_ladder._capture`); Pyro's
   ``Trace_ELBO`` and ``TraceMeanField_ELBO`` read each site's value (``torch_item``) and
   test the loss for NaN, which during the capture read as ``detach`` and nothing.
-* At each capture, the recorded graph (uncompiled) is run against the eager estimator on
-  the same random numbers, parameters and statistics, and the loss, every gradient and
-  every buffer must agree to a relative 1e-5 (float rounding: ``torch_item`` sums in
-  double), or the capture is refused naming what differs. Pyro's argument validation is
-  off inside the graph (as for the ``jit-*`` estimators); the ladder's data checks run on
-  every call, eagerly.
+* **Checked at each capture**: the recorded graph (uncompiled) is run against the eager
+  estimator on the same random numbers, parameters and statistics; the loss, every
+  gradient and every buffer must agree to a relative 1e-5 (float rounding: ``torch_item``
+  sums in double), or the capture is refused naming what differs.
+* **Checks that read data run on every call, eagerly**: the ladder's (binary and finite
+  values, class labels in range) and Pyro's support check of observed values that are
+  arguments (when validation is on). Pyro's other argument validation is off inside the
+  graph, as for the ``jit-*`` estimators.
+* Every parameter the loss reaches gets its gradient, registered with Pyro or not, as
+  ``loss_and_grads`` gives it; under ``torch.no_grad`` the estimator runs as it is.
 
 **Random numbers.** Inductor draws with its own counter-based generator, seeded from
 torch's at every step: ``pyro.set_rng_seed`` makes runs repeat (a resumed run included),
