@@ -173,6 +173,7 @@ class _Run:
         self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
         self.device, self.sync_every = data.device, 10
         self.pending = []  # (step, loss as a tensor or a float, rows) not yet read
+        self.resumed = False
 
     def train(self, epochs, monitor, progress, callback, tensorboard) -> list[dict]:
         bar = tqdm(total=epochs * self.steps, disable=not progress, unit="step")
@@ -258,6 +259,9 @@ class _Run:
             lambda: self._floored(self.svi.step, *weight, batch, *self.args, **self.kwargs),
             lambda: pyro.get_param_store().values(),
         )
+        if self.resumed:
+            self.resumed = False
+            _check_resumed_optimizer(self.svi.optim)
         if isinstance(loss, torch.Tensor):
             return loss.detach()  # held until read: without the step's graph
         if loss is None or not math.isfinite(loss):
@@ -340,7 +344,26 @@ class _Run:
         self.total, self.seen, self.seconds = pos["total"], pos["seen"], pos["seconds"]
         self.epoch_rng, self.history = pos["epoch_rng"], [dict(r) for r in state["history"]]
         self.svi.optim.set_state(state["optimizer"])
+        self.resumed = True  # the first step checks that the optimizer state found its owners
         set_rng_state(state["rng"])
+
+
+def _check_resumed_optimizer(optim) -> None:
+    """After the first resumed step, every parameter the checkpoint's optimizer state names
+    must have been met: Pyro's optimizers keep the state of a name they never meet waiting,
+    silently, and its parameter restarts Adam's moments (a model registered under another
+    name than the saved one: a second LadderVAE made in the same session)."""
+    left = sorted(getattr(optim, "_state_waiting_to_be_consumed", {}))
+    if left:
+        registered = sorted(pyro.get_param_store().keys())
+        raise ConfigError(
+            f"cannot resume: the checkpoint's optimizer state is for {len(left)} parameters "
+            f"this model does not register (e.g. {left[0]!r}; it registers "
+            f"{registered[0] if registered else 'none'!r} ...). A LadderVAE registers under "
+            "its own name (vae.pyro_name): load the model with "
+            "pyro_ladder.checkpoint.load_training_checkpoint, which keeps the saved name, or "
+            "set vae.pyro_name to the saved one before fit"
+        )
 
 
 def _summary_writer(log_dir):

@@ -270,3 +270,36 @@ def test_a_checkpoint_saved_on_a_gpu_evaluates_and_resumes_on_a_cpu(tmp_path, ca
     a = torch.load(run / "checkpoint.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["state_dict"]
     assert _same_weights(a, b)
+
+
+def test_resuming_a_model_registered_under_another_name_is_refused():
+    """A second LadderVAE made in the same session registers under the next name, so the
+    training state's Adam moments would wait for names it never meets and the run would
+    go on with fresh ones, silently. The first resumed step refuses that; under the saved
+    name the run resumes exactly."""
+    import copy
+
+    options = {**OPTIONS, "checkpoint_every": None}
+    torch.manual_seed(1)
+    vae = LadderVAE(6, (3, 2), (8, 4))
+    kept = {}
+
+    def keep(state):  # the state after epoch 1, and the weights it goes with
+        if state["position"]["epoch"] == 1 and "state" not in kept:
+            kept["state"] = copy.deepcopy(state)
+            kept["weights"] = copy.deepcopy(vae.state_dict())
+
+    history = fit(vae.model, vae.guide, _data(), **options, checkpoint=keep)
+    for rename in (False, True):
+        pyro.clear_param_store()
+        other = LadderVAE(6, (3, 2), (8, 4))
+        assert other.pyro_name != vae.pyro_name
+        other.load_state_dict(kept["weights"])
+        if rename:
+            other.pyro_name = vae.pyro_name
+            again = fit(other.model, other.guide, _data(), **options, resume=kept["state"])
+            assert _without_time(again) == _without_time(history)
+            assert _same_weights(other.state_dict(), vae.state_dict())
+        else:
+            with pytest.raises(ConfigError, match="optimizer state is for .* parameters this"):
+                fit(other.model, other.guide, _data(), **options, resume=kept["state"])
