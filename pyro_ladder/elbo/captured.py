@@ -318,7 +318,9 @@ class _Capture:
         self.estimator, self.options = estimator, options
         call = (model, guide, args, kwargs)
         self.names, self.modules = self._explore(call)
-        self.state = _module_state(self.modules)
+        # each module's plain settings, by name: read again at every call
+        self.plain = [[k for k, v in vars(m).items() if _by_value(v)] for m in self.modules]
+        self.state = self._module_state()
         flat_args = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         sources = self._sources(flat_args)
         self.pattern = _pattern(sources)
@@ -373,10 +375,22 @@ class _Capture:
             found += [b for b in m._buffers.values() if b is not None]
         return found + list(tensors)
 
+    def _module_state(self) -> tuple:
+        """Each module's plain settings (train/eval mode, batch norm's momentum ...; those
+        it had at the capture, and whether it still has them) and which of its
+        parameters take a gradient: what the graph fixed about it."""
+        return tuple(
+            (
+                tuple(m.__dict__.get(k, _MISSING) for k in keys),
+                tuple(p.requires_grad for p in m._parameters.values() if p is not None),
+            )
+            for m, keys in zip(self.modules, self.plain, strict=True)
+        )
+
     def inputs(self, tensors):
         """This call's input tensors, or None when the store or the modules changed in a
         way the graph cannot follow (a fresh capture is then made)."""
-        if _module_state(self.modules) != self.state:
+        if self._module_state() != self.state:
             return None
         sources = self._sources(tensors)
         if sources is None or _pattern(sources) != self.pattern:
@@ -565,6 +579,9 @@ def _pattern(sources) -> tuple | None:
     return tuple(first.setdefault(id(t), i) for i, t in enumerate(sources))
 
 
+_MISSING = object()  # a module setting deleted since the capture
+
+
 def _positions(leaves, tensors, required: bool) -> list[int] | None:
     """Where ``tensors`` are among the graph's inputs; None for an optional check on a
     tensor computed inside the step (a required one is refused)."""
@@ -576,18 +593,6 @@ def _positions(leaves, tensors, required: bool) -> list[int] | None:
     raise ConfigError(
         "compile=True: a data check of the pair ran on a tensor computed inside the step, "
         "not on an argument; pass the data as an argument of the model and guide"
-    )
-
-
-def _module_state(modules) -> tuple:
-    """Each module's plain settings (train/eval mode, batch norm's momentum ...) and
-    which of its parameters take a gradient: what the graph fixed about it."""
-    return tuple(
-        (
-            tuple((k, v) for k, v in vars(m).items() if _by_value(v)),
-            tuple(p.requires_grad for p in m._parameters.values() if p is not None),
-        )
-        for m in modules
     )
 
 
