@@ -518,3 +518,11 @@ def test_no_gradient_mode_and_many_captures():
     with pytest.warns(RuntimeWarning, match="argument shapes, dtypes or devices changed"):
         for rows in range(2, 12):
             elbo.loss_and_grads(vae.model, vae.guide, _batches(1, rows=rows)[0])
+
+
+def test_capture_names_the_uncompiled_graph_and_trains_as_eager():
+    elbo = make_elbo("elbo", compile="capture")
+    assert isinstance(elbo, CompiledStep) and elbo.options == {"backend": "eager"}
+    truth = _train(_ladder(), make_elbo("elbo"), _batches(2))
+    captured = _train(_ladder(), elbo, _batches(2))
+    _assert_same_numbers(truth[0], captured[0])

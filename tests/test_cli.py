@@ -314,6 +314,10 @@ def test_compile_reaches_fit_and_is_refused_with_lightning(tmp_path, capsys, mon
         args = ["train", "--compile", "networks", "--epochs", "1", "--no-progress"]
         main([*args, "--out", str(tmp_path / "c")])
     assert seen["compile"] == "networks"
+    with pytest.raises(_Stop):
+        args = ["train", "--compile", "capture", "--epochs", "1", "--no-progress"]
+        main([*args, "--out", str(tmp_path / "d")])
+    assert seen["compile"] == "capture"
     status, _, err = _run(
         ["train", "--compile", "--devices", "2", "--out", str(tmp_path / "b")], capsys
     )

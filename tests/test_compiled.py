@@ -119,8 +119,8 @@ def test_fit_with_compile_trains_as_eager():
 @pytest.mark.parametrize(
     "name, compile, match",
     [
-        ("elbo", "yes", "compile must be True .* 'step', 'networks'"),
-        ("elbo", 1, "compile must be True .* 'step', 'networks'"),
+        ("elbo", "yes", "compile must be True .* 'step', 'capture'"),
+        ("elbo", 1, "compile must be True .* 'step', 'capture'"),
         ("elbo", {"kind": "graph"}, "'kind' must be 'step' or 'networks'"),
         ("jit-elbo", True, "use 'elbo' with compile=True"),
     ],

@@ -77,7 +77,7 @@ def test_a_spec_is_frozen_and_refuses_unknown_fields_and_devices():
 
 
 def test_a_spec_takes_the_compile_kinds_and_refuses_others():
-    for kind in (False, True, "step", "networks"):
+    for kind in (False, True, "step", "capture", "networks"):
         assert RunSpec(compile=kind).compile == kind
     for bad in ("yes", 1, "graph"):
         with pytest.raises(ConfigError, match="argument `compile` must be false, true, 'step'"):

@@ -124,12 +124,13 @@ def _add_train(sub):
         "--compile",
         nargs="?",
         const="step",
-        choices=("step", "networks"),
+        choices=("step", "capture", "networks"),
         default=_DEFAULT.compile,
         help="compile training with torch.compile: 'step' (the default when given alone) "
-        "captures the whole step, forward and backward, into one compiled graph; 'networks' "
-        "compiles only the networks, Pyro's tracing eager. Same values and gradients; the "
-        "first step compiles (about a minute on a CPU); one process",
+        "captures the whole step, forward and backward, into one compiled graph (the first "
+        "step compiles, about half a minute on a CPU); 'capture' runs that graph uncompiled "
+        "(a second to capture); 'networks' compiles only the networks, Pyro's tracing "
+        "eager. Same values and gradients; one process",
     )
     p.add_argument(
         "--eval-samples",

@@ -132,7 +132,9 @@ def make_elbo(name: str, num_particles: int = 1, compile=False, **options) -> EL
     ``compile=True`` (or ``"step"``, or a dict of ``torch.compile`` options such as
     ``{"mode": "max-autotune-no-cudagraphs"}``) captures the whole training step, forward
     and backward, into one graph and runs it compiled (:mod:`pyro_ladder.elbo.captured`;
-    the first step of each batch shape captures and compiles); ``compile="networks"`` (or
+    the first step of each batch shape captures and compiles); ``compile="capture"`` runs
+    the captured graph as recorded, without compiling it (a second to capture; Pyro's
+    fixed cost per step gone); ``compile="networks"`` (or
     a dict with ``"kind": "networks"``) compiles only the ladder's networks and keeps
     Pyro's tracing eager (:mod:`pyro_ladder.elbo.compiled`), for pairs whose step reads
     tensor values in Python. Other ``options`` go to the Pyro class, e.g.
@@ -183,6 +185,8 @@ def _compile_kind(name: str, compile) -> tuple[str, dict] | None:
         )
     if compile is True:
         return "step", {}
+    if compile == "capture":  # the captured graph run as recorded: no compile time
+        return "step", {"backend": "eager"}
     if compile in ("step", "networks"):
         return compile, {}
     if isinstance(compile, dict):
@@ -192,8 +196,9 @@ def _compile_kind(name: str, compile) -> tuple[str, dict] | None:
             raise ConfigError(f"compile's 'kind' must be 'step' or 'networks', got {kind!r}")
         return kind, options
     raise ConfigError(
-        "compile must be True (the whole step compiled), 'step', 'networks' (the networks "
-        f"compiled, Pyro eager), False or a dict of torch.compile options, got {compile!r}"
+        "compile must be True (the whole step compiled), 'step', 'capture' (the whole step "
+        "captured, run uncompiled), 'networks' (the networks compiled, Pyro eager), False or "
+        f"a dict of torch.compile options, got {compile!r}"
     )
 
 

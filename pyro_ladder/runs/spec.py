@@ -24,7 +24,7 @@ def default_preset(dataset: str) -> str:
     return "digits" if dataset == "digits" else "paper-mnist"
 
 
-COMPILE_KINDS = ("step", "networks")  # make_elbo's compile, besides True and False
+COMPILE_KINDS = ("step", "capture", "networks")  # make_elbo's compile, besides True and False
 
 
 def is_conv(preset_name: str | None) -> bool:
@@ -69,7 +69,8 @@ class RunSpec:
     warmup_epochs: int | None = None  # None: a tenth of the epochs, as in the paper
     batch_norm: bool | None = None  # None: on for MLPs (the paper's choice), off for conv
     free_bits: float = 0.0  # KL floor per latent layer in nats (Kingma et al. 2016); 0: off
-    # torch.compile: "step" (or True) the whole step captured, "networks" the networks only
+    # torch.compile: "step" (or True) the whole step captured and compiled, "capture" the
+    # captured step uncompiled, "networks" the networks only
     compile: bool | str = False
     eval_samples: int = 5000  # importance samples K of the final test log p(x)
     eval_limit: int | None = None  # score N test images (a fixed random subset); None: all
@@ -88,7 +89,7 @@ class RunSpec:
         check_device_name(self.device)
         if not (self.compile is False or self.compile is True or self.compile in COMPILE_KINDS):
             raise ConfigError(
-                f"argument `compile` must be false, true, 'step' or 'networks', got "
+                f"argument `compile` must be false, true, 'step', 'capture' or 'networks', got "
                 f"{self.compile!r}"
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
