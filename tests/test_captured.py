@@ -235,17 +235,24 @@ def test_a_pair_whose_python_state_changes_between_calls_is_refused():
         make_elbo("elbo", compile=EAGER).loss_and_grads(model, vae.guide, _batches(1)[0])
 
 
-def test_fit_with_compile_trains_as_eager_warm_up_included():
-    data = _batches(1, rows=24)[0]
+def _fit_both(data, **options):
+    """``fit`` eagerly and captured from the same start: [(losses, state_dict)] each."""
     runs = []
     for compile in (False, EAGER):
         pyro.clear_param_store()
         vae = _ladder()
         history = fit(
-            vae.model, vae.guide, data, elbo="iwae", num_particles=3, epochs=3,
-            warmup_epochs=2, batch_size=8, progress=False, compile=compile, seed=0,
-        )  # fmt: skip
+            vae.model, vae.guide, data, progress=False, compile=compile, seed=0, **options
+        )
         runs.append(([r["loss"] for r in history], vae.state_dict()))
+    return runs
+
+
+def test_fit_with_compile_trains_as_eager_warm_up_included():
+    runs = _fit_both(
+        _batches(1, rows=24)[0], elbo="iwae", num_particles=3, epochs=3, warmup_epochs=2,
+        batch_size=8,
+    )  # fmt: skip
     assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-10)
     for key, value in runs[0][1].items():
         torch.testing.assert_close(runs[1][1][key], value, rtol=1e-10, atol=1e-10, msg=key)
@@ -301,17 +308,8 @@ def test_handlers_around_the_call_are_part_of_the_key():
 
 
 def test_fit_with_free_bits_and_compile_trains_as_eager():
-    data = _batches(1, rows=16)[0]
-    runs = []
-    for compile in (False, EAGER):
-        pyro.clear_param_store()
-        vae = _ladder()
-        history = fit(
-            vae.model, vae.guide, data, epochs=2, batch_size=8, free_bits=0.5,
-            progress=False, compile=compile, seed=0,
-        )  # fmt: skip
-        runs.append([r["loss"] for r in history])
-    assert runs[1] == pytest.approx(runs[0], rel=1e-10)
+    runs = _fit_both(_batches(1, rows=16)[0], epochs=2, batch_size=8, free_bits=0.5)
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-10)
 
 
 def test_a_pair_made_after_another_is_freed_gets_its_own_graph():
