@@ -524,3 +524,21 @@ def test_capture_names_the_uncompiled_graph_and_trains_as_eager():
     truth = _train(_ladder(), make_elbo("elbo"), _batches(2))
     captured = _train(_ladder(), elbo, _batches(2))
     _assert_same_numbers(truth[0], captured[0])
+
+
+@pytest.mark.parametrize("inference", ["top-down", "bottom-up"])
+def test_the_convolutional_ladder_trains_captured_as_eagerly(inference):
+    from pyro_ladder.conv import ConvLadderVAE
+
+    def make():
+        torch.manual_seed(0)
+        return ConvLadderVAE(
+            image_shape=(12, 12), channels=(6, 8), latent_channels=(2, 3), inference=inference
+        ).double()
+
+    batches = _batches(2, rows=6, dim=144)
+    truth = _train(make(), make_elbo("iwae", 3), batches)
+    captured = _train(make(), make_elbo("iwae", 3, compile="capture"), batches)
+    _assert_same_numbers(truth[0], captured[0])
+    for key, value in truth[1].items():
+        torch.testing.assert_close(captured[1][key], value, rtol=1e-12, atol=1e-12, msg=key)
