@@ -50,18 +50,21 @@ def kept_buffers(*fns):
     saved: dict = {}  # id -> (module, [(buffer, its copy)]); holding the module keeps its id
     ran: list[nn.Module] = []
 
-    def keep(module):
+    def keep(module, buffers):
         if id(module) not in saved:
-            saved[id(module)] = (module, [(b, b.detach().clone()) for b in module.buffers()])
+            saved[id(module)] = (module, [(b, b.detach().clone()) for b in buffers])
             return True
         return False
 
-    def met(module, _inputs):  # before the forward of a module
-        if keep(module) or all(module is not m for m in ran):
+    def met(module, _inputs):  # before a module's forward: its own buffers (each submodule
+        # that runs is met in turn)
+        own = [b for b in module._buffers.values() if b is not None]
+        if keep(module, own) or all(module is not m for m in ran):
             ran.append(module)
 
     for module in modules_of(*fns):
-        keep(module)
+        for sub in module.modules():
+            keep(sub, [b for b in sub._buffers.values() if b is not None])
     handle = nn.modules.module.register_module_forward_pre_hook(met)
     try:
         yield ran
