@@ -54,7 +54,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 
 from ._memo import ReuseOutputs, reuse_outputs
-from ._util import eval_mode, modules_of, without_side_effects
+from ._util import eval_as_met, eval_mode, modules_of, without_side_effects
 from .errors import ConfigError
 from .warmup import UNWEIGHTED_MASK
 
@@ -393,6 +393,7 @@ def _quiet_pass(model, guide):
     with (
         torch.random.fork_rng(devices=devices),
         eval_mode(*modules_of(model, guide)),
+        eval_as_met(),  # networks held in closures, which modules_of cannot name
         reuse_outputs(False),
         ReuseOutputs(),
         poutine.block(hide_types=["param"]),

@@ -40,40 +40,69 @@ def eval_mode(*modules: nn.Module):
 
 
 @contextlib.contextmanager
+def eval_as_met():
+    """Every module whose forward runs inside the block runs in evaluation mode (set just
+    before its forward; each one's mode restored after the block): networks a pair of
+    plain functions holds in closures included, which :func:`eval_mode` cannot name."""
+    modes: dict = {}  # id -> (module, its mode)
+
+    def met(module, _inputs):
+        if id(module) not in modes:
+            modes[id(module)] = (module, module.training)
+            module.training = False
+
+    handle = nn.modules.module.register_module_forward_pre_hook(met)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for module, mode in modes.values():
+            module.training = mode
+
+
+@contextlib.contextmanager
 def kept_buffers(*fns):
     """After the block, the buffers (batch-norm running statistics) of the modules behind
     ``fns`` (bound methods such as ``vae.model``, :func:`modules_of`) and of every module
     whose forward runs inside the block (networks a pair of plain functions holds in
-    closures) are as they were before it, written back in place (no graph built inside the
-    block may be used after it). Yields the list of the modules that ran, in the order of
-    their first call."""
-    saved: dict = {}  # id -> (module, [(buffer, its copy)]); holding the module keeps its id
+    closures) are as they were before it: written back in place, and put back where the
+    block replaced one (``self.avg = 0.9 * self.avg + ...``). No graph built inside the
+    block may be used after it. Buffers a lazy module has not initialized yet are left
+    alone. Yields the list of the modules that ran, in the order of their first call."""
+    saved: dict = {}  # id -> (module, [(name, buffer, its copy)]); holding the module keeps its id
     ran: list[nn.Module] = []
 
-    def keep(module, buffers):
-        if id(module) not in saved:
-            saved[id(module)] = (module, [(b, b.detach().clone()) for b in buffers])
-            return True
-        return False
+    def keep(module):
+        if id(module) in saved:
+            return False
+        own = [
+            (name, b, b.detach().clone())
+            for name, b in module._buffers.items()
+            if b is not None and not nn.parameter.is_lazy(b)
+        ]
+        saved[id(module)] = (module, own)
+        return True
 
     def met(module, _inputs):  # before a module's forward: its own buffers (each submodule
         # that runs is met in turn)
-        own = [b for b in module._buffers.values() if b is not None]
-        if keep(module, own) or all(module is not m for m in ran):
+        if keep(module) or all(module is not m for m in ran):
             ran.append(module)
 
     for module in modules_of(*fns):
         for sub in module.modules():
-            keep(sub, [b for b in sub._buffers.values() if b is not None])
+            keep(sub)
     handle = nn.modules.module.register_module_forward_pre_hook(met)
     try:
         yield ran
     finally:
         handle.remove()
         with torch.no_grad():
-            for _, buffers in saved.values():
-                for buffer, copy in buffers:
-                    buffer.copy_(copy)
+            for module, buffers in saved.values():
+                for name, buffer, copy in buffers:
+                    if not torch.equal(buffer, copy):  # untouched ones keep their version
+                        buffer.copy_(copy)
+                    if module._buffers.get(name) is not buffer:  # replaced in the block
+                        module._buffers[name] = buffer
 
 
 @contextlib.contextmanager

@@ -22,16 +22,38 @@ def one_hot(labels, num_classes: int, dtype: torch.dtype = torch.float32) -> tor
 
     :raises DataError: when a label is not an integer in ``[0, num_classes)``.
     """
-    if not isinstance(labels, torch.Tensor):  # a tensor keeps its device (as_tensor would too,
-        labels = torch.as_tensor(labels)  # except under torch.set_default_device)
+    tensor = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
+    # a tensor keeps its device (as_tensor would too, except under torch.set_default_device)
+    _check_labels(labels, tensor, num_classes)
+    return _one_hot(tensor, num_classes, dtype)
+
+
+def _check_labels(raw, labels: torch.Tensor, num_classes: int) -> None:
+    """Refuse labels that are not integers in range: ``raw`` as given, ``labels`` it as a
+    tensor. A tensor's range is checked on each call's own labels in a captured step
+    (compile=True), eagerly; Python values are checked as Python values (a captured step
+    keys on them)."""
     if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
         raise DataError(
             f"class labels must be integers, got a {labels.dtype} tensor: pass integer labels "
             f"in [0, {num_classes}), or a (N, {num_classes}) float condition"
         )
-    # a captured step (compile=True) runs the range check on each call's labels, eagerly
-    defer_check(functools.partial(_check_label_range, num_classes=num_classes), labels)
-    # one-hot by comparison: torch's one_hot reads the labels' range on the host
+    if isinstance(raw, torch.Tensor):
+        defer_check(functools.partial(_check_label_range, num_classes=num_classes), raw)
+        return
+    values = raw if isinstance(raw, (list, tuple)) else [raw]
+    while any(isinstance(v, (list, tuple)) for v in values):
+        values = [w for v in values for w in (v if isinstance(v, (list, tuple)) else [v])]
+    bad = [v for v in values if not 0 <= int(v) < num_classes][:5]
+    if bad:
+        raise DataError(
+            f"class labels must lie in [0, {num_classes}) for {num_classes} classes, got {bad}: "
+            f"build the model with condition_dim equal to the number of classes"
+        )
+
+
+def _one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    # by comparison: torch's one_hot reads the labels' range on the host
     classes = torch.arange(num_classes, device=labels.device)
     return (labels.long().unsqueeze(-1) == classes).to(dtype)  # (..., num_classes)
 
@@ -53,9 +75,10 @@ def as_condition(c, num_rows: int, condition_dim: int, like: torch.Tensor) -> to
 
     :raises DataError: when ``c`` has another shape, an out-of-range label or NaN.
     """
-    c = torch.as_tensor(c, device=like.device)
+    raw, c = c, torch.as_tensor(c, device=like.device)
     if not c.is_floating_point():  # one-hot rows: finite by construction
-        c = one_hot(c.expand(num_rows) if c.dim() == 0 else c, condition_dim, like.dtype)
+        _check_labels(raw, c, condition_dim)
+        c = _one_hot(c.expand(num_rows) if c.dim() == 0 else c, condition_dim, like.dtype)
     else:  # on each call's c in a captured step (a c cut from packed data: by the model)
         defer_check(_check_finite_condition, c, required=False)
     if tuple(c.shape) != (num_rows, condition_dim):

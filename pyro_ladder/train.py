@@ -12,11 +12,12 @@ import warnings
 import pyro
 import pyro.optim
 import torch
+from pyro import poutine
 from pyro.infer import ELBO, SVI
 from tqdm.auto import tqdm
 
 from . import device as placement
-from ._util import rng_state, set_rng_state
+from ._util import rng_state, set_rng_state, without_side_effects
 from .data import binarize as binarize_pixels
 from .elbo import make_elbo
 from .errors import ConfigError, TrainingError
@@ -255,13 +256,13 @@ class _Run:
     def _step(self, weight, batch) -> float | torch.Tensor:
         """One step's loss: a Python number is checked at once (it was read already), a
         tensor at the next :meth:`_sync`."""
+        if self.resumed:  # before the first resumed step: nothing moves if it is refused
+            self.resumed = False
+            _check_resumed_names(self.svi, (*weight, batch, *self.args), self.kwargs)
         loss = guarded_loss(
             lambda: self._floored(self.svi.step, *weight, batch, *self.args, **self.kwargs),
             lambda: pyro.get_param_store().values(),
         )
-        if self.resumed:
-            self.resumed = False
-            _check_resumed_optimizer(self.svi.optim)
         if isinstance(loss, torch.Tensor):
             return loss.detach()  # held until read: without the step's graph
         if loss is None or not math.isfinite(loss):
@@ -348,21 +349,27 @@ class _Run:
         set_rng_state(state["rng"])
 
 
-def _check_resumed_optimizer(optim) -> None:
-    """After the first resumed step, every parameter the checkpoint's optimizer state names
-    must have been met: Pyro's optimizers keep the state of a name they never meet waiting,
-    silently, and its parameter restarts Adam's moments (a model registered under another
-    name than the saved one: a second LadderVAE made in the same session)."""
-    left = sorted(getattr(optim, "_state_waiting_to_be_consumed", {}))
-    if left:
-        registered = sorted(pyro.get_param_store().keys())
+def _check_resumed_names(svi, args, kwargs) -> None:
+    """Refuse, before the first resumed step, a training state whose optimizer state names
+    none of the parameters the pair registers. Pyro's optimizers keep the state of a name
+    they never meet waiting, silently, so the run would go on with fresh Adam moments: a
+    LadderVAE made in the same session registers under the next name. (Some names unmet
+    is normal: a network frozen during the run is not registered any more.)"""
+    waiting = set(getattr(svi.optim, "_state_waiting_to_be_consumed", {}))
+    if not waiting:
+        return
+    with without_side_effects(svi.model, svi.guide), poutine.trace(param_only=True) as seen:
+        svi.guide(*args, **kwargs)
+        svi.model(*args, **kwargs)
+    registered = sorted(n for n, site in seen.trace.nodes.items() if site["type"] == "param")
+    if registered and not waiting & set(registered):
         raise ConfigError(
-            f"cannot resume: the checkpoint's optimizer state is for {len(left)} parameters "
-            f"this model does not register (e.g. {left[0]!r}; it registers "
-            f"{registered[0] if registered else 'none'!r} ...). A LadderVAE registers under "
-            "its own name (vae.pyro_name): load the model with "
+            f"cannot resume: the optimizer state is for {len(waiting)} parameters this model "
+            f"does not register (e.g. {sorted(waiting)[0]!r}; it registers "
+            f"{registered[0]!r} ...). A LadderVAE registers under its own name "
+            "(vae.pyro_name): load the model with "
             "pyro_ladder.checkpoint.load_training_checkpoint, which keeps the saved name, or "
-            "set vae.pyro_name to the saved one before fit"
+            "set vae.pyro_name to the saved one before fit. Nothing was trained"
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pyro
@@ -153,7 +154,10 @@ class LadderVAE(nn.Module):
         if torch.jit.is_tracing():  # the values were checked on the first, untraced call
             return self.split(x, c)
         # a captured step (compile=True) runs the value checks on each call's data, eagerly
-        defer_check(self._check_values, *((x,) if c is None else (x, c)))
+        if c is None or isinstance(c, torch.Tensor):
+            defer_check(self._check_values, *((x,) if c is None else (x, c)))
+        else:  # a Python label: a captured step keys on its value
+            defer_check(functools.partial(self._check_values, c=c), x)
         return self.split(x, c)
 
     def _check_values(self, x, c=None):

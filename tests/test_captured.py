@@ -542,3 +542,164 @@ def test_the_convolutional_ladder_trains_captured_as_eagerly(inference):
     _assert_same_numbers(truth[0], captured[0])
     for key, value in truth[1].items():
         torch.testing.assert_close(captured[1][key], value, rtol=1e-12, atol=1e-12, msg=key)
+
+
+# ------------------------------------------------- the fifth adversarial review's cases
+
+
+def test_capturing_leaves_distribution_validation_on():
+    """torch.compile's first use switches torch.distributions' validation off for the
+    process; a captured step puts it back."""
+    vae = _ladder()
+    make_elbo("elbo", compile="capture").loss_and_grads(vae.model, vae.guide, _batches(1)[0])
+    with pytest.raises(ValueError, match="scale"):
+        torch.distributions.Normal(0.0, -1.0)
+
+
+def test_a_plain_setting_of_the_pair_object_is_followed():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vae, self.beta = _ladder(), 1.0
+
+        def model(self, x):
+            with poutine.scale(scale=self.beta):
+                self.vae.model(x)
+
+        def guide(self, x):
+            with poutine.scale(scale=self.beta):
+                self.vae.guide(x)
+
+    def run(compile):
+        pair = Pair()
+        pyro.set_rng_seed(1)
+        elbo = make_elbo("elbo", compile=compile)
+        losses = []
+        for beta in (1.0, 0.5, 2.0):
+            pair.beta = beta
+            losses.append(elbo.loss_and_grads(pair.model, pair.guide, _batches(1)[0]))
+        return losses
+
+    truth, captured = _both(run)
+    _assert_same_numbers(truth, captured)
+
+
+def test_non_tensor_arguments_are_told_apart_by_type():
+    vae = _ladder()
+
+    def model(x, noise):
+        with poutine.scale(scale=2.0 if noise is True else 1.0):
+            vae.model(x)
+
+    def guide(x, noise):
+        vae.guide(x)
+
+    elbo = make_elbo("elbo", compile="capture")
+    x = _batches(1)[0]
+    losses = [elbo.loss_and_grads(model, guide, x, v) for v in (1.0, True)]
+    assert elbo.captures == 2 and losses[0] != losses[1]
+
+
+def test_freezing_a_store_parameter_is_followed():
+    vae = _ladder()
+
+    def model(x):
+        w = pyro.param("w", torch.tensor(0.1, dtype=x.dtype))
+        with poutine.scale(scale=1.0 + w**2):
+            vae.model(x)
+
+    def run(compile):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(1)
+        elbo = make_elbo("elbo", compile=compile)
+        out = []
+        for step in range(3):
+            if step == 1:
+                pyro.param("w").requires_grad_(False)
+            for p in pyro.get_param_store().values():
+                p.grad = None
+            elbo.loss_and_grads(model, vae.guide, _batches(1)[0])
+            w = pyro.param("w").unconstrained()
+            out.append(None if w.grad is None else w.grad.item())
+        return out
+
+    truth, captured = _both(run)
+    assert truth[1] is None and truth[0] is not None
+    assert captured == truth
+
+
+def test_the_probe_restores_replaced_and_lazy_buffers():
+    """kept_buffers puts back a buffer a module replaced (out-of-place update) and leaves a
+    lazy module's uninitialized buffers alone."""
+    from pyro_ladder._util import kept_buffers
+
+    class Averager(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("avg", torch.zeros(3))
+
+        def forward(self, x):
+            self.avg = 0.9 * self.avg + 0.1 * x.mean(0)
+            return x
+
+    avg, lazy = Averager(), nn.LazyBatchNorm1d()
+    original = avg.avg
+    with kept_buffers():
+        avg(torch.ones(2, 3))
+        lazy(torch.ones(4, 3))
+    assert avg.avg is original and torch.equal(avg.avg, torch.zeros(3))
+
+
+def test_dregs_first_call_moves_a_closure_networks_statistics_as_later_calls_do():
+    """The dependence pass of parameter_roles runs every module it meets in evaluation
+    mode: iwae-dreg's first call (which runs that pass) moves a closure network's batch
+    norm as often as any later call, so a resumed run, whose fresh estimator runs it again,
+    stays the uninterrupted one."""
+    enc, dec = nn.Sequential(nn.Linear(10, 4), nn.BatchNorm1d(4)).double(), nn.Linear(2, 10)
+    dec.double()
+
+    def guide(x):
+        pyro.module("enc", enc)
+        with pyro.plate("data", x.shape[0]):
+            h = enc(x)
+            pyro.sample("z", dist.Normal(h[:, :2], h[:, 2:].exp()).to_event(1))
+
+    def model(x):
+        pyro.module("dec", dec)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=dec(z)).to_event(1), obs=x)
+
+    elbo, counts = make_elbo("iwae-dreg", 3), []
+    for x in _batches(2):
+        elbo.loss_and_grads(model, guide, x)
+        counts.append(int(enc[1].num_batches_tracked))
+    assert counts[1] == 2 * counts[0]
+
+
+def test_one_label_for_the_whole_batch_is_captured():
+    def make():
+        torch.manual_seed(0)
+        return LadderVAE(10, (3, 2), (8, 6), condition_dim=3).double()
+
+    for label in (2, torch.tensor(2)):
+        results = []
+        for compile in (False, "capture"):
+            vae = make()
+            pyro.set_rng_seed(1)
+            elbo = make_elbo("elbo", compile=compile)
+            results.append(elbo.loss_and_grads(vae.model, vae.guide, _batches(1)[0], label))
+        assert results[1] == pytest.approx(results[0], rel=1e-12)
+    with pytest.raises(DataError, match="class labels must lie in"):
+        elbo.loss_and_grads(vae.model, vae.guide, _batches(1)[0], 3)
+
+
+def test_free_bits_state_does_not_capture_anew_at_every_step():
+    from pyro_ladder.freebits import FreeBits
+
+    vae = _ladder()
+    elbo = make_elbo("elbo", compile="capture")
+    for x in _batches(3):
+        with FreeBits(0.5):
+            elbo.loss_and_grads(vae.model, vae.guide, x)
+    assert elbo.captures == 1

@@ -301,5 +301,7 @@ def test_resuming_a_model_registered_under_another_name_is_refused():
             assert _without_time(again) == _without_time(history)
             assert _same_weights(other.state_dict(), vae.state_dict())
         else:
+            before = {k: v.clone() for k, v in other.state_dict().items()}
             with pytest.raises(ConfigError, match="optimizer state is for .* parameters this"):
                 fit(other.model, other.guide, _data(), **options, resume=kept["state"])
+            assert _same_weights(other.state_dict(), before)  # refused before any step

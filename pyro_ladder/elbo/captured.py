@@ -78,7 +78,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK, am_i_wrapped, apply_stack
 from pyro.poutine.trace_messenger import TraceMessenger
-from torch.distributions import constraints
+from torch.distributions import Distribution, constraints
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten
 
@@ -181,7 +181,8 @@ class CompiledStep(pyro.infer.ELBO):
     def _step(self, model, guide, args, kwargs):
         flat, spec = tree_flatten((args, kwargs))
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
-        statics = tuple(None if isinstance(a, torch.Tensor) else a for a in flat)
+        # by type and value: 1, 1.0 and True are equal in Python, not to a pair
+        statics = tuple(None if isinstance(a, torch.Tensor) else (type(a), a) for a in flat)
         _check_arguments(tensors, statics)
 
         def key():
@@ -191,10 +192,11 @@ class CompiledStep(pyro.infer.ELBO):
                 _autocast(), _handlers(), _settings(self.estimator),
             )  # fmt: skip
 
-        inputs = None
-        for capture in self._captures.get(key(), ()):
+        inputs, now = None, key()
+        for capture in self._captures.get(now, ()):
             inputs = capture.inputs(tensors)
             if inputs is not None:
+                self._captures[now] = self._captures.pop(now)  # the most recently used last
                 break
         if inputs is None:
             capture = _Capture(self.estimator, self.options, model, guide, args, kwargs)
@@ -237,7 +239,7 @@ def _check_arguments(tensors, statics) -> None:
             "gradients into it (and into the networks that computed it), which the captured "
             "graph does not: pass it detached, or use compile='networks'"
         )
-    bad = [v for v in statics if not _by_value(v)]
+    bad = [v[1] for v in statics if v is not None and not _by_value(v[1])]
     if bad:
         raise ConfigError(
             f"compile=True fixes non-tensor arguments in its graph and tells them apart by "
@@ -267,11 +269,15 @@ def _settings(estimator) -> tuple:
 
 def _handlers() -> tuple:
     """The Pyro handlers around the call, which the graph fixes too (``poutine.scale``'s
-    factor, ``fit``'s free bits): each one's type and settings (numbers, strings and
-    containers of them by value, anything else by identity). Trace handlers, which only
-    record (``SVI``'s parameter capture among them), are left out."""
+    factor, ``fit``'s free bits): each one's type and public settings (numbers, strings
+    and containers of them by value, anything else by identity; attributes named with a
+    leading underscore are the handler's own state, such as what free bits record during
+    a step). Trace handlers, which only record (``SVI``'s parameter capture among them),
+    are left out."""
     return tuple(
-        (type(h), _fingerprint(vars(h))) for h in _PYRO_STACK if not isinstance(h, TraceMessenger)
+        (type(h), _fingerprint({k: v for k, v in vars(h).items() if not k.startswith("_")}))
+        for h in _PYRO_STACK
+        if not isinstance(h, TraceMessenger)
     )
 
 
@@ -318,8 +324,11 @@ class _Capture:
         self.estimator, self.options = estimator, options
         call = (model, guide, args, kwargs)
         self.names, self.modules = self._explore(call)
-        # each module's plain settings, by name: read again at every call
-        self.plain = [[k for k, v in vars(m).items() if _by_value(v)] for m in self.modules]
+        # the plain settings of each module that ran and of the objects behind the pair
+        # (a bound method's instance: vae.model's vae), by name: read again at every call
+        self.owners = _unique([o for fn in (model, guide) for o in _owners(fn)])
+        self.plain = [[k for k, v in vars(o).items() if _plain(v)] for o in self.owners]
+        self.plain += [[k for k, v in vars(m).items() if _plain(v)] for m in self.modules]
         self.state = self._module_state()
         flat_args = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         sources = self._sources(flat_args)
@@ -328,12 +337,19 @@ class _Capture:
         # every leaf that takes a gradient gets it, as in the eager step: the registered
         # parameters and those of modules that ran without being registered
         self.grad_at = [i for i, t in enumerate(leaves) if t.requires_grad]
+        self.requires = tuple(t.requires_grad for t in leaves)
         self.graph, self.used, checks = self._trace(call, leaves)
-        self.checks = [
-            (fn, positions)
-            for fn, tensors, required in checks
-            if (positions := _positions(leaves, tensors, required)) is not None
-        ]
+        placed = [(fn, _positions(leaves, tensors, required)) for fn, tensors, required in checks]
+        self.checks = [(fn, positions) for fn, positions in placed if positions is not None]
+        if len(self.checks) < len(placed) and not any(required for *_, required in checks):
+            warnings.warn(
+                "compile=True: Pyro's support check of an observed value computed inside the "
+                "step (a reshape or a subset of an argument) cannot run on later calls: a "
+                "batch of values outside the support will not be refused. Observe the "
+                "argument itself, check the data yourself, or use compile='networks'",
+                RuntimeWarning,
+                stacklevel=5,
+            )
         _check_constants(self.graph)
         self._verify(call, leaves)
         self.compiled = self.graph if options.get("backend") == "eager" else None
@@ -379,12 +395,15 @@ class _Capture:
         """Each module's plain settings (train/eval mode, batch norm's momentum ...; those
         it had at the capture, and whether it still has them) and which of its
         parameters take a gradient: what the graph fixed about it."""
+        objects = [*self.owners, *self.modules]
         return tuple(
             (
-                tuple(m.__dict__.get(k, _MISSING) for k in keys),
-                tuple(p.requires_grad for p in m._parameters.values() if p is not None),
+                tuple(_frozen(o.__dict__.get(k, _MISSING)) for k in keys),
+                tuple(
+                    p.requires_grad for p in getattr(o, "_parameters", {}).values() if p is not None
+                ),
             )
-            for m, keys in zip(self.modules, self.plain, strict=True)
+            for o, keys in zip(objects, self.plain, strict=True)
         )
 
     def inputs(self, tensors):
@@ -395,7 +414,10 @@ class _Capture:
         sources = self._sources(tensors)
         if sources is None or _pattern(sources) != self.pattern:
             return None
-        return _unique(sources)
+        leaves = _unique(sources)
+        if tuple(t.requires_grad for t in leaves) != self.requires:  # frozen or unfrozen
+            return None
+        return leaves
 
     # -- capture and check
     def _trace(self, call, leaves):
@@ -480,10 +502,16 @@ class _Capture:
     def run(self, inputs, tensors):
         for check, positions in self.checks:
             check(*(inputs[i] for i in positions))  # the data checks, eagerly
-        if self.compiled is None:
-            self.compiled = torch.compile(self.graph, **self.options)
-        with torch.no_grad():
-            outputs = self.compiled(*inputs)
+        # dynamo's first use switches torch.distributions' argument validation off for the
+        # whole process (TorchPatcher); Pyro's validation rests on it: keep it as it was
+        validate = Distribution._validate_args
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.graph, **self.options)
+            with torch.no_grad():
+                outputs = self.compiled(*inputs)
+        finally:
+            Distribution._validate_args = validate
         loss, grads = outputs[0], list(outputs[1:])
         reached = [inputs[i] for i, used in zip(self.grad_at, self.used, strict=True) if used]
         _announce(self.names)
@@ -582,6 +610,17 @@ def _pattern(sources) -> tuple | None:
 _MISSING = object()  # a module setting deleted since the capture
 
 
+def _plain(value) -> bool:
+    """A setting the graph may have read: a number, string ... or a list or tuple of them."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return _by_value(value)
+
+
+def _frozen(value):
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def _positions(leaves, tensors, required: bool) -> list[int] | None:
     """Where ``tensors`` are among the graph's inputs; None for an optional check on a
     tensor computed inside the step (a required one is refused)."""
@@ -611,9 +650,10 @@ def _check_constants(graph) -> None:
                 "compile=True: the step reads a tensor of shape "
                 f"{tuple(value.shape)} that is neither an argument, a parameter Pyro "
                 "registers, nor a parameter or buffer of a module that ran (an attribute or "
-                "a closure of the pair); a captured graph would keep that very tensor. Pass "
-                "it as an argument, register it as a module buffer, or use "
-                "compile='networks'"
+                "a closure of the pair, or a handler around the call such as a "
+                "LatentWeight or poutine.mask holding a tensor); a captured graph would keep "
+                "that very tensor. Pass it as an argument (with_kl_weight passes the KL "
+                "weight so), register it as a module buffer, or use compile='networks'"
             )
 
 
