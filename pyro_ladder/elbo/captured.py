@@ -19,13 +19,16 @@ Python runs any more, only the compiled arithmetic, then the parameter registrat
 arithmetic of one call; whatever Python decided during that call is fixed in it. So:
 
 * **Captured anew** when it changes: the pair, the arguments' structure, shapes, dtypes
-  and devices, their non-tensor values (numbers, strings, None, dtypes, devices: pass a KL
-  weight as a 0-dim tensor, as :func:`~pyro_ladder.fit` does, and one graph serves every
-  weight), the Pyro handlers around the call with their settings (``poutine.scale``'s
-  factor, free bits), autocast, the estimator's plain settings (``num_particles`` ...),
-  and, for each module that ran, its plain settings (train/eval mode, batch norm's
-  momentum) and which of its parameters take a gradient; likewise a parameter store that
-  no longer holds the graph's parameters, or holds other tensors under their names. After
+  and devices, their non-tensor values by type and value (numbers, strings, None, dtypes,
+  devices: pass a KL weight as a 0-dim tensor, as :func:`~pyro_ladder.fit` does, and one
+  graph serves every weight), the Pyro handlers around the call with their public
+  settings (``poutine.scale``'s factor, free bits), autocast, the estimator's plain
+  settings (``num_particles`` ...), the plain settings (numbers, strings, lists of them)
+  of the object behind a bound method (``vae.model``'s ``vae``) and of each module that
+  ran (train/eval mode, batch norm's momentum), and which parameters take a gradient;
+  likewise a parameter store that no longer holds the graph's parameters, or holds other
+  tensors under their names. Settings kept elsewhere (a module-level variable, a
+  closure's Python value) are not seen: keep them in arguments or attributes. After
   ``WARN_CAPTURES`` (8) captures a warning names what keeps changing; at most
   ``MAX_CAPTURES`` (32) are kept.
 * **Refused, with the cause named**: a host read of a tensor's value (``.item()``, ``if
@@ -44,8 +47,10 @@ arithmetic of one call; whatever Python decided during that call is fixed in it.
   sums in double), or the capture is refused naming what differs.
 * **Checks that read data run on every call, eagerly**: the ladder's (binary and finite
   values, class labels in range) and Pyro's support check of observed values that are
-  arguments (when validation is on). Pyro's other argument validation is off inside the
-  graph, as for the ``jit-*`` estimators.
+  arguments (when validation is on; one computed inside the step, a reshape or a subset,
+  cannot be checked on later calls, and a warning says so). Pyro's other argument
+  validation is off inside the graph, as for the ``jit-*`` estimators; torch's stays on
+  for the rest of the process (dynamo's first use would switch it off).
 * Every parameter the loss reaches gets its gradient, registered with Pyro or not, as
   ``loss_and_grads`` gives it; under ``torch.no_grad`` the estimator runs as it is.
 
