@@ -703,3 +703,13 @@ def test_free_bits_state_does_not_capture_anew_at_every_step():
         with FreeBits(0.5):
             elbo.loss_and_grads(vae.model, vae.guide, x)
     assert elbo.captures == 1
+
+
+def test_no_gradient_mode_serves_estimators_without_their_own_differentiable_loss():
+    vae = _ladder()
+    x = _batches(1)[0]
+    with torch.no_grad():
+        value = make_elbo("tracegraph", compile="capture").differentiable_loss(
+            vae.model, vae.guide, x
+        )
+    assert torch.isfinite(value) and not value.requires_grad

@@ -103,7 +103,7 @@ _HOST_READS = (pyro.infer.trace_elbo, pyro.infer.trace_mean_field_elbo)
 
 TOLERANCE = 1e-5  # relative agreement of the captured graph and the eager step
 WARN_CAPTURES = 8  # captures by one estimator past which it says what keeps changing
-MAX_CAPTURES = 32  # captures kept by one estimator (the oldest go first)
+MAX_CAPTURES = 32  # captures kept by one estimator (the least recently used go first)
 KEY_PARTS = (
     "the model", "the guide", "the arguments' structure", "non-tensor arguments",
     "argument shapes, dtypes or devices", "autocast", "Pyro handlers around the call",
@@ -132,7 +132,7 @@ class CompiledStep(pyro.infer.ELBO):
         # no ELBO.__init__: every setting is the wrapped estimator's
         object.__setattr__(self, "estimator", estimator)
         object.__setattr__(self, "options", options)
-        object.__setattr__(self, "_captures", {})  # key -> [_Capture], oldest first
+        object.__setattr__(self, "_captures", {})  # key -> [_Capture], most recently used last
         object.__setattr__(self, "_warned", False)
 
     def __getattr__(self, name):
@@ -173,8 +173,8 @@ class CompiledStep(pyro.infer.ELBO):
         return loss.item()
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return self.estimator.differentiable_loss(model, guide, *args, **kwargs)
+        if not torch.is_grad_enabled():  # every estimator's form (surrogate.py), eagerly
+            return differentiable_loss(self.estimator, model, guide, *args, **kwargs)
         loss, params, grads = self._step(model, guide, args, kwargs)
         if not params:
             return loss
@@ -212,7 +212,7 @@ class CompiledStep(pyro.infer.ELBO):
         return capture.run(inputs, tensors)
 
     def _keep(self, key, capture) -> None:
-        """Store a new capture; past :data:`MAX_CAPTURES` the oldest goes, and a warning
+        """Store a new capture; past ``MAX_CAPTURES`` the least recently used goes, and a warning
         says what keeps changing (each capture traces again, and compiles again)."""
         if self._captures and not self._warned and self.captures + 1 >= WARN_CAPTURES:
             last = next(reversed(self._captures))
@@ -227,7 +227,7 @@ class CompiledStep(pyro.infer.ELBO):
             )
             self._warned = True
         self._captures.setdefault(key, []).append(capture)
-        while self.captures > MAX_CAPTURES:  # the oldest key's oldest capture
+        while self.captures > MAX_CAPTURES:  # the least recently used key's oldest capture
             oldest = next(iter(self._captures))
             self._captures[oldest].pop(0)
             if not self._captures[oldest]:
