@@ -345,7 +345,7 @@ class _Run:
         self.total, self.seen, self.seconds = pos["total"], pos["seen"], pos["seconds"]
         self.epoch_rng, self.history = pos["epoch_rng"], [dict(r) for r in state["history"]]
         self.svi.optim.set_state(state["optimizer"])
-        self.resumed = True  # the first step checks that the optimizer state found its owners
+        self.resumed = True  # before the first step, the optimizer state's names are checked
         set_rng_state(state["rng"])
 
 
