@@ -55,13 +55,20 @@ def network_call(module: nn.Module, fn, *inputs):
         return fn(*inputs)
     key = (fn.__name__, _SCOPES[-1])
     table = _COMPILED.setdefault(module, {})
-    # dynamo's first use switches torch.distributions' argument validation off for the
-    # whole process (TorchPatcher); Pyro's validation rests on it: keep it as it was
-    validate = Distribution._validate_args
-    try:
+    with validation_kept():
         compiled = table.get(key)
         if compiled is None:
             compiled = table[key] = torch.compile(fn, **dict(_SCOPES[-1]))
         return compiled(*inputs)
+
+
+@contextlib.contextmanager
+def validation_kept():
+    """torch.distributions' argument validation as it was after the block: dynamo's first
+    use switches it off for the whole process (TorchPatcher), and Pyro's validation rests
+    on it. Around every compile and compiled call."""
+    validate = Distribution._validate_args
+    try:
+        yield
     finally:
         Distribution._validate_args = validate

@@ -71,21 +71,23 @@ def kept_buffers(*fns):
     alone. Yields the list of the modules that ran, in the order of their first call."""
     saved: dict = {}  # id -> (module, [(name, buffer, its copy)]); holding the module keeps its id
     ran: list[nn.Module] = []
+    ran_ids: set[int] = set()  # the modules in ran are held there, so their ids stay theirs
 
     def keep(module):
         if id(module) in saved:
-            return False
+            return
         own = [
             (name, b, b.detach().clone())
             for name, b in module._buffers.items()
             if b is not None and not nn.parameter.is_lazy(b)
         ]
         saved[id(module)] = (module, own)
-        return True
 
     def met(module, _inputs):  # before a module's forward: its own buffers (each submodule
         # that runs is met in turn)
-        if keep(module) or all(module is not m for m in ran):
+        keep(module)
+        if id(module) not in ran_ids:
+            ran_ids.add(id(module))
             ran.append(module)
 
     for module in modules_of(*fns):

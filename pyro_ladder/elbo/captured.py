@@ -83,11 +83,12 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK, am_i_wrapped, apply_stack
 from pyro.poutine.trace_messenger import TraceMessenger
-from torch.distributions import Distribution, constraints
+from torch.distributions import constraints
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten
 
 from .._capture import capture_scope, defer_check
+from .._compile import validation_kept
 from .._params import _param_message, _stored_as_is
 from .._util import kept_buffers, rng_state, set_rng_state
 from ..errors import ConfigError
@@ -209,7 +210,7 @@ class CompiledStep(pyro.infer.ELBO):
             # (Pyro's guess of max_plate_nesting)
             self._keep(key(), capture)
             inputs = capture.inputs(tensors)
-        return capture.run(inputs, tensors)
+        return capture.run(inputs)
 
     def _keep(self, key, capture) -> None:
         """Store a new capture; past ``MAX_CAPTURES`` the least recently used goes, and a warning
@@ -332,8 +333,10 @@ class _Capture:
         # the plain settings of each module that ran and of the objects behind the pair
         # (a bound method's instance: vae.model's vae), by name: read again at every call
         self.owners = _unique([o for fn in (model, guide) for o in _owners(fn)])
-        self.plain = [[k for k, v in vars(o).items() if _plain(v)] for o in self.owners]
-        self.plain += [[k for k, v in vars(m).items() if _plain(v)] for m in self.modules]
+        self.plain = [
+            [k for k, v in _attributes(o).items() if _plain(v)]
+            for o in (*self.owners, *self.modules)
+        ]
         self.state = self._module_state()
         flat_args = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         sources = self._sources(flat_args)
@@ -344,6 +347,7 @@ class _Capture:
         self.grad_at = [i for i, t in enumerate(leaves) if t.requires_grad]
         self.requires = tuple(t.requires_grad for t in leaves)
         self.graph, self.used, checks = self._trace(call, leaves)
+        self.reached_at = [i for i, u in zip(self.grad_at, self.used, strict=True) if u]
         placed = [(fn, _positions(leaves, tensors, required)) for fn, tensors, required in checks]
         self.checks = [(fn, positions) for fn, positions in placed if positions is not None]
         if len(self.checks) < len(placed) and not any(required for *_, required in checks):
@@ -397,17 +401,13 @@ class _Capture:
         return found + list(tensors)
 
     def _module_state(self) -> tuple:
-        """Each module's plain settings (train/eval mode, batch norm's momentum ...; those
-        it had at the capture, and whether it still has them) and which of its
-        parameters take a gradient: what the graph fixed about it."""
-        objects = [*self.owners, *self.modules]
+        """The plain settings of the pair's objects and of each module that ran (train/eval
+        mode, batch norm's momentum ...; those they had at the capture, and whether they
+        still have them): what the graph fixed about them. (Which parameters take a
+        gradient is compared on the inputs, :meth:`inputs`.)"""
+        objects = (*self.owners, *self.modules)
         return tuple(
-            (
-                tuple(_frozen(o.__dict__.get(k, _MISSING)) for k in keys),
-                tuple(
-                    p.requires_grad for p in getattr(o, "_parameters", {}).values() if p is not None
-                ),
-            )
+            tuple(_frozen(_attributes(o).get(k, _MISSING)) for k in keys)
             for o, keys in zip(objects, self.plain, strict=True)
         )
 
@@ -429,19 +429,13 @@ class _Capture:
         model, guide, args, kwargs = call
         grad_leaves = [leaves[i] for i in self.grad_at]
 
-        def step(*inputs):  # inputs are ``leaves`` themselves: make_fx keeps their identity
+        used = []  # which of grad_leaves the loss reaches
+
+        def recorded(*inputs):  # inputs are ``leaves`` themselves: make_fx keeps their identity
             loss = differentiable_loss(self.estimator, model, guide, *args, **kwargs)
             grads = torch.autograd.grad(loss, grad_leaves, allow_unused=True)
-            return (loss.detach(), *[g for g in grads if g is not None]), [
-                g is not None for g in grads
-            ]
-
-        used = []
-
-        def recorded(*inputs):
-            outputs, reached = step(*inputs)
-            used[:] = reached
-            return outputs
+            used[:] = [g is not None for g in grads]
+            return (loss.detach(), *[g for g in grads if g is not None])
 
         saved, buffers = rng_state(), _saved_buffers(self.modules)
         try:
@@ -489,8 +483,7 @@ class _Capture:
                 "step; the pair's structure changes from call to call. Use "
                 "compile='networks' or no compile"
             )
-        reached_at = [i for i, used in zip(self.grad_at, self.used, strict=True) if used]
-        names = ["the loss"] + [f"the gradient of input {i}" for i in reached_at]
+        names = ["the loss"] + [f"the gradient of input {i}" for i in self.reached_at]
         pairs = [
             *zip(names, eager, captured, strict=True),
             *(("a buffer", a, b) for a, b in zip(eager_buffers, captured_buffers, strict=True)),
@@ -504,23 +497,16 @@ class _Capture:
                 )
 
     # -- a step
-    def run(self, inputs, tensors):
+    def run(self, inputs):
         for check, positions in self.checks:
             check(*(inputs[i] for i in positions))  # the data checks, eagerly
-        # dynamo's first use switches torch.distributions' argument validation off for the
-        # whole process (TorchPatcher); Pyro's validation rests on it: keep it as it was
-        validate = Distribution._validate_args
-        try:
+        with validation_kept():
             if self.compiled is None:
                 self.compiled = torch.compile(self.graph, **self.options)
             with torch.no_grad():
                 outputs = self.compiled(*inputs)
-        finally:
-            Distribution._validate_args = validate
-        loss, grads = outputs[0], list(outputs[1:])
-        reached = [inputs[i] for i, used in zip(self.grad_at, self.used, strict=True) if used]
         _announce(self.names)
-        return loss, reached, grads
+        return outputs[0], [inputs[i] for i in self.reached_at], list(outputs[1:])
 
 
 def _announce(names) -> None:
@@ -613,6 +599,11 @@ def _pattern(sources) -> tuple | None:
 
 
 _MISSING = object()  # a module setting deleted since the capture
+
+
+def _attributes(obj) -> dict:
+    """An object's instance attributes (none for one without ``__dict__``)."""
+    return getattr(obj, "__dict__", {})
 
 
 def _plain(value) -> bool:
