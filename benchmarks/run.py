@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/run.py` puts only benchmarks
 
 from benchmarks.reference import ReferenceLadder  # noqa: E402
 from pyro_ladder import LadderVAE, log_likelihood, make_elbo, preset  # noqa: E402
+from pyro_ladder._allocator import keep_freed_memory, malloc_setting  # noqa: E402
 from pyro_ladder.data import binarize, load_dataset  # noqa: E402
 from pyro_ladder.optim import Adam  # noqa: E402
 
@@ -131,6 +132,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch.compile mode of the compiled part (default: torch's; on a GPU "
         "reduce-overhead replays the step as a CUDA graph)",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=("kept", "default"),
+        default="kept",
+        help="kept (default): glibc's malloc keeps freed memory for reuse, as fit and the "
+        "command line set it (pyro_ladder._allocator; library and reference alike, one "
+        "process); default: glibc's own thresholds, which return it and fault it in again",
+    )
     parser.add_argument("--data-dir", default=None, help="folder with binarized_mnist/")
     parser.add_argument("--out", default=None, help="JSON file to write")
     parser.add_argument("--seed", type=int, default=0)
@@ -151,6 +160,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.malloc == "kept":
+        keep_freed_memory()
+    elif malloc_setting() == "kept":
+        raise SystemExit(
+            "--malloc default: this process has kept freed memory already (fit or the "
+            "command line ran in it); run the benchmark in a fresh process"
+        )
     torch.set_num_threads(args.threads)
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -485,8 +501,9 @@ def _memory_probe(which, vae, x, k, threads) -> dict:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     state = {k_: v.clone() for k_, v in vae.state_dict().items()}
+    config = vae.config.to_dict()
     proc = ctx.Process(
-        target=_probe, args=(queue, which, vae.config.to_dict(), state, x.clone(), k, threads)
+        target=_probe, args=(queue, which, config, state, x.clone(), k, threads, malloc_setting())
     )
     proc.start()
     result = queue.get()
@@ -494,7 +511,9 @@ def _memory_probe(which, vae, x, k, threads) -> dict:
     return result
 
 
-def _probe(queue, which, config, state, x, k, threads):
+def _probe(queue, which, config, state, x, k, threads, malloc):
+    if malloc == "kept":  # as the parent process
+        keep_freed_memory()
     torch.set_num_threads(threads)
     vae = LadderVAE(**config)
     vae.load_state_dict(state)
@@ -716,6 +735,7 @@ def _conditions(args, size, start: bool) -> dict:
         "dataset": size["dataset"],
         "sizes": size,
         "timing": "median over repeats, library and reference interleaved in one process",
+        "malloc": malloc_setting(),
     }
 
 

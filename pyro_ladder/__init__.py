@@ -10,6 +10,7 @@ is a convolutional ladder with the same site contract; :class:`FreeBits` floors 
 layer's KL (Kingma et al. 2016) for any pair.
 """
 
+from ._allocator import keep_freed_memory
 from ._memo import reuse_outputs
 from .config import PRESETS, LadderConfig, preset
 from .conv import ConvLadderConfig, ConvLadderVAE
@@ -61,6 +62,7 @@ __all__ = [
     "evaluate",
     "fit",
     "gradient_snr",
+    "keep_freed_memory",
     "kl_weight",
     "log_likelihood",
     "mutual_information",

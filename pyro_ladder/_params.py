@@ -84,6 +84,17 @@ class RegisterOnce(Messenger):
         return False
 
 
+class SentAlready(RegisterOnce):
+    """Module registrations (:func:`register_module`) are not sent while this is the
+    innermost handler: for a pass that repeats, within one estimator call, a pass that
+    sent them all, and whose ``param`` messages no handler outside would see (the
+    fixed-sample passes of :mod:`pyro_ladder.elbo.weighted`, run under
+    ``poutine.block(hide_types=["param"])``). ``pyro.param`` is never held back."""
+
+    def seen(self, name: str, module: nn.Module, prefix: str) -> bool:
+        return True
+
+
 def _stored_as_is(store, name: str, param) -> bool:
     """The store holds ``param`` itself under ``name``, unconstrained: its constrained
     value is ``param``."""

@@ -163,7 +163,8 @@ def per_datapoint(site, value: torch.Tensor, nesting: int, joint: bool = False) 
     ``joint``: sum the data plate too (and accept sites outside it): ``(S, 1)``.
     """
     full = nesting + 1
-    value = value.reshape((1,) * (full - value.dim()) + value.shape)  # (S|1, ..., B|1, ...)
+    if value.dim() < full:  # (S|1, ..., B|1, ...)
+        value = value.reshape((1,) * (full - value.dim()) + value.shape)
     if joint:
         return value.sum(list(range(1, full))).reshape(value.shape[0], 1)  # (S|1, 1)
     data_dims = [f.dim for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
@@ -176,6 +177,8 @@ def per_datapoint(site, value: torch.Tensor, nesting: int, joint: bool = False) 
     others = [d for d in range(full) if d not in keep]
     if others:
         value = value.sum(others, keepdim=True)
+    if value.dim() == 2:  # (S|1, B|1) already: no view (a node fewer for autograd)
+        return value
     return value.reshape(value.shape[0], value.shape[full + data_dims[0]])  # (S|1, B|1)
 
 
@@ -215,7 +218,8 @@ def log_density(trace, nesting: int, scaled: bool, only=None, joint: bool = Fals
     total = 0.0
     for name, site in sample_sites(trace):
         if only is None or name in only:
-            total = total + per_datapoint(site, site_log_prob(site, scaled), nesting, joint)
+            term = per_datapoint(site, site_log_prob(site, scaled), nesting, joint)
+            total = term if isinstance(total, float) else total + term
     return total
 
 

@@ -39,9 +39,10 @@ import torch
 from torch.distributions import Distribution, Independent
 
 from ._traces import sample_sites
+from .layers import Normal as LadderNormal
 
 # families whose validation refuses only what makes log_prob NaN (module docstring)
-_NAN_ON_INVALID = (torch.distributions.Normal, dist.Normal)
+_NAN_ON_INVALID = (torch.distributions.Normal, dist.Normal, LadderNormal)
 
 
 def signature(*traces) -> tuple | None:

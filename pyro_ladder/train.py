@@ -17,6 +17,7 @@ from pyro.infer import ELBO, SVI
 from tqdm.auto import tqdm
 
 from . import device as placement
+from ._allocator import keep_freed_memory
 from ._util import rng_state, set_rng_state, without_side_effects
 from .data import binarize as binarize_pixels
 from .elbo import make_elbo
@@ -125,6 +126,8 @@ def fit(
     check_free_bits(free_bits, elbo)
     _check_positive("sync_every", sync_every)
     device = placement.resolve(device, model, guide, data)
+    if device.type == "cpu":
+        keep_freed_memory()  # glibc keeps freed memory for the next step (pyro_ladder._allocator)
     placement.check_dtype(model, guide, data)
     data = placement.place_rows(data, device)
     monitor = None if monitor is None else monitor.to(device)

@@ -79,6 +79,7 @@ from pyro.infer import ELBO
 
 from .._capture import capturing
 from .._checks import check_pair_args
+from .._params import SentAlready
 from .._traces import (
     WeightLayout,
     check_guide_covers_model,
@@ -131,7 +132,7 @@ class _Draws:
         log_p = self.log_density(self.model_trace)
         log_q = self.log_density(self.guide_trace, only=self.latents)
         self.shape = torch.broadcast_shapes(log_p.shape, log_q.shape)
-        self.log_p, self.log_q = log_p.expand(self.shape), log_q.expand(self.shape)
+        self.log_p, self.log_q = _full(log_p, self.shape), _full(log_q, self.shape)
         self._fixed = {}
         self._values = None  # detached samples, one set for every fixed pass
 
@@ -176,9 +177,11 @@ class _Draws:
             if self._values is None:  # the same tensors for every pass: the memo may reuse work
                 self._values = {n: v.detach() for n, v in self.latents.items()}
             model, guide, args, kwargs = self._call
-            fn = poutine.condition(guide if which == "guide" else model, data=self._values)
+            fn = SentAlready()(guide if which == "guide" else model)
+            fn = poutine.condition(fn, data=self._values)
             # the live pass registered every parameter already: keep these registrations
-            # from the outer handlers (SVI's parameter capture included) and from the trace
+            # from the outer handlers (SVI's parameter capture included) and from the trace;
+            # the ladder's module registrations are not even sent (SentAlready)
             fn = poutine.block(fn, hide_types=["param"])
             with self.particles, _frozen(frozen):
                 self._fixed[key] = poutine.trace(fn).get_trace(*args, **kwargs)
@@ -188,11 +191,17 @@ class _Draws:
         """``log q(z~ | x)`` ``(S, B)`` at the detached samples, live parameters but those
         in ``frozen``."""
         trace = self.fixed_trace("guide", frozen)
-        return self.log_density(trace, only=self.latents).expand(self.shape)
+        return _full(self.log_density(trace, only=self.latents), self.shape)
 
     def fixed_log_p(self) -> torch.Tensor:
         """``log p(x, z~)`` ``(S, B)`` at the detached samples, live parameters."""
-        return self.log_density(self.fixed_trace("model")).expand(self.shape)
+        return _full(self.log_density(self.fixed_trace("model")), self.shape)
+
+
+def _full(log_density: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``log_density`` broadcast to ``shape`` (``(S, B)``); itself when it has that shape
+    (no view, and no node for autograd to pass through)."""
+    return log_density if log_density.shape == shape else log_density.expand(shape)
 
 
 class WeightedELBO(ScopedELBO, ELBO):

@@ -1,0 +1,75 @@
+"""keep_freed_memory: glibc keeps freed memory for the next training step, so a step does
+not fault in fresh pages; the user's own settings and the opt-out are left alone."""
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+pytestmark = pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+
+# ten iwae steps of the paper's network after three to warm up: minor page faults per step
+STEPS = textwrap.dedent(
+    """
+    import resource, sys, warnings
+    import torch
+    from pyro.infer import SVI
+    from pyro_ladder import LadderVAE, keep_freed_memory, make_elbo, preset
+    from pyro_ladder._allocator import malloc_setting
+    from pyro_ladder.optim import Adam
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    kept = keep_freed_memory() if sys.argv[1] == "kept" else False
+    torch.manual_seed(0)
+    vae = LadderVAE.from_config(preset("paper-mnist", 784))
+    x = (torch.rand(128, 784) < 0.3).float()
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-3}), make_elbo("iwae", 5))
+    for _ in range(3):
+        svi.step(x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        svi.step(x)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+    print(kept, malloc_setting(), faults)
+    """
+)
+
+
+def _run(which: str, **env):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    environ.pop("PYRO_LADDER_MALLOC", None)
+    environ.update(env)
+    out = subprocess.run(
+        [sys.executable, "-c", STEPS, which], env=environ, capture_output=True, text=True,
+        check=True, timeout=300,
+    )  # fmt: skip
+    kept, setting, faults = out.stdout.split()
+    return kept == "True", setting, float(faults)
+
+
+def test_kept_memory_spares_the_steps_their_page_faults():
+    """With glibc's defaults each step of the paper network faults in thousands of fresh
+    pages (about 3,000 per iwae K=5 step at batch 128); with the thresholds set, a few
+    dozen (Python's own objects)."""
+    kept, setting, faults_kept = _run("kept")
+    assert kept and setting == "kept"
+    default, setting, faults_default = _run("default")
+    assert not default and setting == "default"
+    assert faults_default > 1000, faults_default  # the effect the setting removes is there
+    assert faults_kept < 0.1 * faults_default, (faults_kept, faults_default)
+
+
+@pytest.mark.parametrize(
+    "env, setting",
+    [
+        ({"PYRO_LADDER_MALLOC": "default"}, "default"),
+        ({"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "1000000"}, "user"),
+    ],
+)
+def test_the_opt_out_and_the_users_own_settings_are_left_alone(env, setting):
+    kept, found, _ = _run("kept", **env)
+    assert not kept and found == setting
