@@ -424,3 +424,72 @@ def test_dreg_refuses_layers_warmed_up_apart(vae, x):
     trace.nodes["z1"]["scale"] = 0.25  # one layer weighted apart from the other
     with pytest.raises(ConfigError, match="one KL weight for every latent"):
         common_kl_weight(trace)
+
+
+class _SubsampledPair(torch.nn.Module):
+    """A Gaussian pair with an encoder and a decoder network on N = 12 points, a batch of
+    them chosen by ``pyro.plate("data", N, subsample=idx)`` (scale N / B)."""
+
+    def __init__(self, subsample=True):
+        super().__init__()
+        self.enc, self.dec = torch.nn.Linear(1, 2), torch.nn.Linear(1, 1)
+        self.x = torch.linspace(-2, 2, 12)
+        self.subsample = subsample  # False: the batch's points as the whole data set
+
+    def _plate(self, idx):
+        if self.subsample:
+            return pyro.plate("data", 12, subsample=idx)
+        return pyro.plate("data", len(idx))
+
+    def model(self, idx):
+        pyro.module("dec", self.dec)
+        with self._plate(idx):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            loc = self.dec(z.unsqueeze(-1)).squeeze(-1)
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=self.x[idx])
+
+    def guide(self, idx):
+        pyro.module("enc", self.enc)
+        with self._plate(idx):
+            out = self.enc(self.x[idx].unsqueeze(-1))
+            pyro.sample("z", dist.Normal(out[..., 0], torch.nn.functional.softplus(out[..., 1])))
+
+
+@pytest.mark.parametrize("pair", ["ladder", "subsampled"])
+def test_a_split_surrogate_hands_its_gradients_over_once(pair):
+    """iwae-dreg's loss hands each parameter its gradient, taken with the loss's factor
+    (-N/B under a subsampled data plate), as the .grad itself: the same gradients as
+    loss_and_grads, and a second backward pass through the same loss is refused by name
+    rather than giving nothing or a scaled copy."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    if pair == "ladder":
+        net = LadderVAE(x_dim=6, latent_dims=(3, 2), hidden_dims=(8, 8), batch_norm=False)
+        args = ((torch.rand(5, 6) < 0.5).float(),)
+    else:
+        net = _SubsampledPair()
+        args = (torch.tensor([1, 4, 7, 10]),)  # B = 4 of N = 12: the loss is 3 times the sum
+    elbo = make_elbo("iwae-dreg", 3)
+    grads = []
+    for call in ("loss_and_grads", "backward"):
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        if call == "loss_and_grads":
+            elbo.loss_and_grads(net.model, net.guide, *args)
+        else:
+            loss = elbo.differentiable_loss(net.model, net.guide, *args)
+            loss.backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+    assert grads[0] and all(g.abs().sum() > 0 for g in grads[0].values())
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, rtol=1e-6, atol=1e-7), name
+    with pytest.raises(RuntimeError, match="compute the loss again"):
+        loss.backward()
+    if pair == "subsampled":  # truth: N / B = 3 times the gradient of the batch alone
+        whole = _SubsampledPair(subsample=False)
+        whole.load_state_dict(net.state_dict())
+        pyro.clear_param_store()  # its modules register under the same names
+        torch.manual_seed(1)
+        make_elbo("iwae-dreg", 3).loss_and_grads(whole.model, whole.guide, *args)
+        for name, p in whole.named_parameters():
+            assert torch.allclose(grads[0][name], 3 * p.grad, rtol=1e-5, atol=1e-6), name

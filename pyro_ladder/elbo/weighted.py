@@ -339,10 +339,14 @@ class WeightedELBO(ScopedELBO, ELBO):
         ``sum_p <g_p, p>`` with ``g`` held fixed, without forming it), so a later
         ``backward`` gives every parameter exactly its group's gradient.
         """
-        found = self._group_gradients(draws, draws.roles(), guide_coeffs, model_coeffs)
+        # the loss is -scale times the surrogate (differentiable_loss): its gradients are
+        # taken with that factor, and divided out of the result, so that the backward of a
+        # loss hands them over as they are (_GivenGradients)
+        factor = -draws.layout.scale
+        found = self._group_gradients(draws, draws.roles(), guide_coeffs, model_coeffs, factor)
         if isinstance(found, list):  # the live pass reaches parameters without a role
             found = self._group_gradients(
-                draws, draws.roles(refresh=True), guide_coeffs, model_coeffs
+                draws, draws.roles(refresh=True), guide_coeffs, model_coeffs, factor
             )
         if isinstance(found, list):
             raise ConfigError(
@@ -354,12 +358,12 @@ class WeightedELBO(ScopedELBO, ELBO):
         params, grads = found
         if not params:
             return draws.log_p.new_zeros(())
-        return _GivenGradients.apply(tuple(grads), *params)
+        return _GivenGradients.apply(tuple(grads), *params) / factor
 
-    def _group_gradients(self, draws, roles, guide_coeffs, model_coeffs):
-        """``(params, grads)`` of :meth:`_split_surrogate`, or a list of the names of the
-        parameters that the live pass reaches but ``roles`` leave out (their gradients
-        would be lost).
+    def _group_gradients(self, draws, roles, guide_coeffs, model_coeffs, factor=1.0):
+        """``(params, grads)`` of :meth:`_split_surrogate` (the gradients times ``factor``),
+        or a list of the names of the parameters that the live pass reaches but ``roles``
+        leave out (their gradients would be lost).
 
         The check costs no extra backward: the guide group's ``autograd.grad`` also asks
         for those parameters, and its surrogate holds ``log w`` of the live pass, which
@@ -376,7 +380,11 @@ class WeightedELBO(ScopedELBO, ELBO):
             if not (tensors or extra) or not surrogate.requires_grad:
                 continue
             found = torch.autograd.grad(
-                surrogate, tensors + list(extra.values()), retain_graph=retain, allow_unused=True
+                surrogate,
+                tensors + list(extra.values()),
+                grad_outputs=torch.full_like(surrogate, factor),
+                retain_graph=retain,
+                allow_unused=True,
             )
             reached = [
                 n for n, g in zip(extra, found[len(tensors) :], strict=True) if g is not None
@@ -479,7 +487,13 @@ def _describe(weights) -> str:
 
 class _GivenGradients(torch.autograd.Function):
     """A zero scalar whose backward gives each of ``params`` its entry of ``grads`` (times
-    the incoming gradient): ``sum_p <g_p, p>``'s gradient at the cost of handing it over."""
+    the incoming gradient): ``sum_p <g_p, p>``'s gradient at the cost of handing it over.
+
+    The usual incoming gradient is exactly 1 (:meth:`WeightedELBO._split_surrogate` takes
+    the loss's factor into ``grads``); the tensors are then handed over as they are and
+    this node lets go of them, so that autograd stores each as the parameter's ``.grad``
+    (no multiplication, no copy). Hence one backward pass per loss: a second (with
+    ``retain_graph``) is refused by name."""
 
     @staticmethod
     def forward(ctx, grads, *params):
@@ -488,9 +502,17 @@ class _GivenGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, out):
-        if not capturing() and bool(out == 1):  # the usual case: no scaled copy needed
-            return (None, *ctx.grads)
-        return (None, *(out * g for g in ctx.grads))
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError(
+                "this loss's gradients were handed to the parameters by an earlier backward "
+                "pass (a split surrogate of pyro_ladder's DReG estimators gives them once): "
+                "compute the loss again for another backward pass"
+            )
+        # on a CPU the test is free; elsewhere it would wait for the device, so scale
+        if not capturing() and out.device.type == "cpu" and bool(out == 1):
+            return (None, *grads)
+        return (None, *(out * g for g in grads))
 
 
 @contextlib.contextmanager
