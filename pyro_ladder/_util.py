@@ -108,6 +108,41 @@ def kept_buffers(*fns):
 
 
 @contextlib.contextmanager
+def held_statistics():
+    """Batch-norm layers in training mode that run inside the block normalize with their
+    batch's statistics as usual but do not move their running statistics: for a pass that
+    repeats, on the same inputs, one whose update already counted (the fixed-sample
+    passes of :mod:`pyro_ladder.elbo.weighted`). Each such layer's ``momentum`` is 0 while
+    the block runs (the kernel's update then leaves the running mean and variance as they
+    are, bit for bit, and touches nothing a graph saved, unlike writing them back, which
+    would break the backward pass of the graph the block builds); its
+    ``num_batches_tracked`` is put back afterwards."""
+    held: dict = {}  # id -> (module, its momentum, its num_batches_tracked before the block)
+
+    def met(module, _inputs):
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and module.training
+            and module.track_running_stats
+            and id(module) not in held
+        ):
+            count = module.num_batches_tracked
+            held[id(module)] = (module, module.momentum, None if count is None else count.clone())
+            module.momentum = 0.0
+
+    handle = nn.modules.module.register_module_forward_pre_hook(met)
+    try:
+        yield
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            for module, momentum, count in held.values():
+                module.momentum = momentum
+                if count is not None and module.num_batches_tracked is not None:
+                    module.num_batches_tracked.copy_(count)
+
+
+@contextlib.contextmanager
 def preserved_state(*fns):
     """:func:`kept_buffers`, and the random state (torch, Python, NumPy) as it was."""
     rng = pyro.util.get_rng_state()

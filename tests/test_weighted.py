@@ -193,3 +193,29 @@ def test_dreg_shared_iwae_splits_the_gradient_by_registration(vae, x):
         torch.testing.assert_close(s, expected, rtol=1e-9, atol=1e-10)
     with pytest.raises(ConfigError, match="shared"):
         make_elbo("iwae-dreg", 8, shared="both")
+
+
+def _statistics_after_one_step(name, k=3):
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = LadderVAE(x_dim=6, latent_dims=(3, 2), hidden_dims=(8, 8), batch_norm=True)
+    x = (torch.rand(5, 6) < 0.5).float()
+    torch.manual_seed(1)
+    make_elbo(name, k).loss_and_grads(vae.model, vae.guide, x)
+    return {n: b.clone() for n, b in vae.named_buffers()}
+
+
+@pytest.mark.parametrize("name", ["rws", "elbo-condkl-sg", "stl", "iwae-stl", "ciwae", "piwae"])
+def test_batch_norm_moves_its_statistics_once_per_step(name):
+    """Estimators that run the model or the guide again at detached samples (rws's and
+    the semi-gradient's fixed-sample passes) leave batch norm's running statistics as one
+    update of the live pass leaves them: those of an iwae step on the same draws (which
+    runs every network once, and whose statistics equal the hand-written reference's,
+    test_benchmarks), one batch counted. Before, the likelihood network's layers moved
+    twice per rws step."""
+    truth = _statistics_after_one_step("iwae")
+    found = _statistics_after_one_step(name)
+    for key, value in truth.items():
+        assert torch.equal(found[key], value), key
+    counts = [v for k, v in found.items() if k.endswith("num_batches_tracked")]
+    assert counts and all(int(c) == 1 for c in counts)

@@ -97,6 +97,7 @@ from .._traces import (
     site_kl,
     weight_layout,
 )
+from .._util import held_statistics
 from ..errors import ConfigError
 from .coupling import (
     check_discrete_own_particle,
@@ -183,7 +184,8 @@ class _Draws:
             # from the outer handlers (SVI's parameter capture included) and from the trace;
             # the ladder's module registrations are not even sent (SentAlready)
             fn = poutine.block(fn, hide_types=["param"])
-            with self.particles, _frozen(frozen):
+            # batch norm moves its statistics once per step, in the live pass
+            with self.particles, _frozen(frozen), held_statistics():
                 self._fixed[key] = poutine.trace(fn).get_trace(*args, **kwargs)
         return self._fixed[key]
 
