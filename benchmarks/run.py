@@ -50,7 +50,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/run.py` puts only benchmarks
 
 from benchmarks.reference import ReferenceLadder  # noqa: E402
 from pyro_ladder import LadderVAE, log_likelihood, make_elbo, preset  # noqa: E402
-from pyro_ladder._allocator import keep_freed_memory, malloc_setting  # noqa: E402
+from pyro_ladder.allocator import keep_freed_memory, malloc_setting  # noqa: E402
 from pyro_ladder.data import binarize, load_dataset  # noqa: E402
 from pyro_ladder.optim import Adam  # noqa: E402
 
@@ -137,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=("kept", "default"),
         default="kept",
         help="kept (default): glibc's malloc keeps freed memory for reuse, as fit and the "
-        "command line set it (pyro_ladder._allocator; library and reference alike, one "
+        "command line set it (pyro_ladder.allocator; library and reference alike, one "
         "process); default: glibc's own thresholds, which return it and fault it in again",
     )
     parser.add_argument("--data-dir", default=None, help="folder with binarized_mnist/")

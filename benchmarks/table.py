@@ -19,10 +19,12 @@ def conditions(c: dict) -> str:
     """One line: what ran where, under which load."""
     load = f"load average {c['load_average_start'][0]:.1f} at the start, "
     load += f"{c['load_average_end'][0]:.1f} at the end" if "load_average_end" in c else "?"
+    malloc = {"kept": "glibc's malloc keeping freed memory", "default": "glibc's malloc defaults"}
+    kept = f", {malloc[c['malloc']]}" if c.get("malloc") in malloc else ""
     return (
         f"`{c['command']}` on {c.get('device', 'cpu')} ({c.get('device_name') or c['machine']}, "
         f"{c['cpu_count']} cores), {c['threads']} torch thread(s), torch {c['torch']}, "
-        f"Pyro {c['pyro']}, {c['started']}; {load}."
+        f"Pyro {c['pyro']}{kept}, {c['started']}; {load}."
     )
 
 

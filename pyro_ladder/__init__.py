@@ -10,8 +10,8 @@ is a convolutional ladder with the same site contract; :class:`FreeBits` floors 
 layer's KL (Kingma et al. 2016) for any pair.
 """
 
-from ._allocator import keep_freed_memory
 from ._memo import reuse_outputs
+from .allocator import keep_freed_memory
 from .config import PRESETS, LadderConfig, preset
 from .conv import ConvLadderConfig, ConvLadderVAE
 from .diagnostics import active_units, effective_sample_size, gradient_snr, mutual_information

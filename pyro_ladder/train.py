@@ -17,8 +17,8 @@ from pyro.infer import ELBO, SVI
 from tqdm.auto import tqdm
 
 from . import device as placement
-from ._allocator import keep_freed_memory
 from ._util import rng_state, set_rng_state, without_side_effects
+from .allocator import keep_freed_memory
 from .data import binarize as binarize_pixels
 from .elbo import make_elbo
 from .errors import ConfigError, TrainingError
@@ -69,6 +69,10 @@ def fit(
     Each epoch visits the rows in a fresh random order in batches of ``batch_size`` (the
     last, incomplete batch is dropped so batch norm always sees a full batch). Extra
     ``args``/``kwargs`` go to model and guide after the batch.
+
+    On a CPU, ``fit`` lets glibc's ``malloc`` keep freed memory for the next step
+    (:func:`~pyro_ladder.keep_freed_memory`, once per process: no page faults for memory a
+    step frees and the next takes again; ``PYRO_LADDER_MALLOC=default`` opts out).
 
     :param elbo: an estimator name of :func:`~pyro_ladder.make_elbo` or a Pyro ELBO object.
     :param num_particles: samples per data point when ``elbo`` is a name.
@@ -127,7 +131,7 @@ def fit(
     _check_positive("sync_every", sync_every)
     device = placement.resolve(device, model, guide, data)
     if device.type == "cpu":
-        keep_freed_memory()  # glibc keeps freed memory for the next step (pyro_ladder._allocator)
+        keep_freed_memory()  # glibc keeps freed memory for the next step (pyro_ladder.allocator)
     placement.check_dtype(model, guide, data)
     data = placement.place_rows(data, device)
     monitor = None if monitor is None else monitor.to(device)

@@ -19,7 +19,7 @@ STEPS = textwrap.dedent(
     import torch
     from pyro.infer import SVI
     from pyro_ladder import LadderVAE, keep_freed_memory, make_elbo, preset
-    from pyro_ladder._allocator import malloc_setting
+    from pyro_ladder.allocator import malloc_setting
     from pyro_ladder.optim import Adam
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)

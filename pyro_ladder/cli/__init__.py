@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from .._allocator import keep_freed_memory
+from ..allocator import keep_freed_memory
 from ..errors import PyroLadderError
 from .commands import as_flags, cmd_evaluate, cmd_report, cmd_sample, cmd_train
 from .parser import build_parser as _build_parser
@@ -27,7 +27,7 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pyro-ladder`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # this process is ours: reuse freed memory (pyro_ladder._allocator)
+    keep_freed_memory()  # this process is ours: reuse freed memory (pyro_ladder.allocator)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

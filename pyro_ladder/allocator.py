@@ -28,7 +28,7 @@ import os
 import platform
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "malloc_setting"]
 
 ENV = "PYRO_LADDER_MALLOC"
 MMAP_THRESHOLD = 32 * 2**20  # bytes: larger allocations are mapped (and unmapped) alone
