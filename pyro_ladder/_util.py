@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -107,28 +108,54 @@ def kept_buffers(*fns):
                         module._buffers[name] = buffer
 
 
+# a normalization layer's statistics, which its forward updates in training mode
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 @contextlib.contextmanager
 def held_statistics():
-    """Batch-norm layers in training mode that run inside the block normalize with their
-    batch's statistics as usual but do not move their running statistics: for a pass that
-    repeats, on the same inputs, one whose update already counted (the fixed-sample
-    passes of :mod:`pyro_ladder.elbo.weighted`). Each such layer's ``momentum`` is 0 while
-    the block runs (the kernel's update then leaves the running mean and variance as they
-    are, bit for bit, and touches nothing a graph saved, unlike writing them back, which
-    would break the backward pass of the graph the block builds); its
-    ``num_batches_tracked`` is put back afterwards."""
-    held: dict = {}  # id -> (module, its momentum, its num_batches_tracked before the block)
+    """Normalization layers in training mode (batch norm, instance norm with running
+    statistics; TorchScript-compiled ones too) that run inside the block, in the thread
+    that opened it, normalize as usual but leave their running statistics as they were:
+    for a pass that repeats, on the same inputs, one whose update already counted (the
+    fixed-sample passes of :mod:`pyro_ladder.elbo.weighted`).
+
+    A layer's ``momentum`` is 0 while the block runs (the kernel's update then leaves the
+    running mean and variance as they are, bit for bit, and a captured graph records just
+    that), and its ``num_batches_tracked`` is put back afterwards. Writing the old values
+    back into the statistics instead would change tensors the pass's graph saved for its
+    backward. Inside a TorchScript module, where Python cannot set ``momentum`` for the
+    compiled code, the statistics are replaced by copies for the block and the original
+    tensors put back."""
+    thread = threading.get_ident()
+    held: dict = {}  # id -> (module, momentum, num_batches_tracked's copy, swapped tensors)
+
+    def hold(module):
+        if id(module) in held or not module.training:
+            return
+        count = getattr(module, "num_batches_tracked", None)
+        count = count.clone() if isinstance(count, torch.Tensor) else None
+        held[id(module)] = (module, module.momentum, count, {})
+        module.momentum = 0.0
+
+    def swap(module):  # a norm layer compiled by TorchScript
+        if id(module) in held or not module.training:
+            return
+        own = {n: t for n in _STATISTICS if isinstance(t := getattr(module, n, None), torch.Tensor)}
+        held[id(module)] = (module, None, None, own)
+        for name, tensor in own.items():
+            setattr(module, name, tensor.clone())
 
     def met(module, _inputs):
-        if (
-            isinstance(module, nn.modules.batchnorm._BatchNorm)
-            and module.training
-            and module.track_running_stats
-            and id(module) not in held
-        ):
-            count = module.num_batches_tracked
-            held[id(module)] = (module, module.momentum, None if count is None else count.clone())
-            module.momentum = 0.0
+        if threading.get_ident() != thread:  # another thread's networks are not this pass's
+            return
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            if module.track_running_stats:
+                hold(module)
+        elif isinstance(module, torch.jit.ScriptModule):  # its submodules run in TorchScript
+            for sub in module.modules():
+                if getattr(sub, "original_name", "").startswith(("BatchNorm", "InstanceNorm")):
+                    swap(sub)
 
     handle = nn.modules.module.register_module_forward_pre_hook(met)
     try:
@@ -136,10 +163,15 @@ def held_statistics():
     finally:
         handle.remove()
         with torch.no_grad():
-            for module, momentum, count in held.values():
+            for module, momentum, count, own in held.values():
+                if own:
+                    for name, tensor in own.items():
+                        setattr(module, name, tensor)
+                    continue
                 module.momentum = momentum
-                if count is not None and module.num_batches_tracked is not None:
-                    module.num_batches_tracked.copy_(count)
+                now = getattr(module, "num_batches_tracked", None)
+                if count is not None and now is not None:  # no graph saves the count
+                    now.copy_(count)
 
 
 @contextlib.contextmanager

@@ -17,8 +17,9 @@ being returned. A step then reuses the pages of the step before (a few dozen fau
 step, from Python's own objects). The cost: the process may hold up to 256 MiB more than
 it uses between steps; its peak is unchanged. ``fit`` on a CPU, the command line and the
 benchmarks call it; ``PYRO_LADDER_MALLOC=default`` in the environment leaves glibc's
-defaults, as does any ``MALLOC_*`` setting of the user's own (or ``GLIBC_TUNABLES``, or a
-preloaded allocator such as jemalloc). Elsewhere than Linux with glibc it does nothing.
+defaults (``kept``, or unset, sets them; any other value is refused by name), as does any
+``MALLOC_*`` variable of the user's own (or ``GLIBC_TUNABLES``, or a preloaded allocator
+such as jemalloc). Elsewhere than Linux with glibc it does nothing.
 """
 
 from __future__ import annotations
@@ -28,17 +29,15 @@ import os
 import platform
 import sys
 
+from .errors import ConfigError
+
 __all__ = ["keep_freed_memory", "malloc_setting"]
 
 ENV = "PYRO_LADDER_MALLOC"
 MMAP_THRESHOLD = 32 * 2**20  # bytes: larger allocations are mapped (and unmapped) alone
 TRIM_THRESHOLD = 256 * 2**20  # bytes: freed memory at the heap's top kept for reuse
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-# the user's own choices, which we leave alone
-_USER_SETTINGS = (
-    "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
-    "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES", "LD_PRELOAD",
-)  # fmt: skip
+CHOICES = ("kept", "default")  # the values of PYRO_LADDER_MALLOC (unset: kept)
 
 _state: dict = {}
 
@@ -48,7 +47,9 @@ def keep_freed_memory() -> bool:
     rather than returned to the system and faulted in again (the module's text gives the
     figures); once per process. Returns whether the thresholds are ours: False where the
     C library is not glibc, where ``PYRO_LADDER_MALLOC=default`` or the user's own
-    ``malloc`` settings are in the environment, or where ``mallopt`` refused them."""
+    ``malloc`` settings are in the environment, or where ``mallopt`` refused them.
+
+    :raises ConfigError: for a ``PYRO_LADDER_MALLOC`` other than ``default`` or ``kept``."""
     if "kept" not in _state:
         _state["kept"] = _set_thresholds()
     return _state["kept"]
@@ -60,13 +61,24 @@ def malloc_setting() -> str:
     or ``"default"``."""
     if _state.get("kept"):
         return "kept"
-    return "user" if any(v in os.environ for v in _USER_SETTINGS) else "default"
+    return "user" if _users_own() else "default"
+
+
+def _users_own() -> bool:
+    """Has the user set ``malloc`` up in the environment: any ``MALLOC_*`` variable of
+    glibc's, its tunables, or another allocator preloaded?"""
+    return any(k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD") for k in os.environ)
 
 
 def _set_thresholds() -> bool:
-    if os.environ.get(ENV, "").strip().lower() in ("default", "off", "0", "no"):
-        return False
-    if any(v in os.environ for v in _USER_SETTINGS):
+    choice = os.environ.get(ENV, "kept").strip().lower() or "kept"
+    if choice not in CHOICES:
+        raise ConfigError(
+            f"environment variable {ENV}={os.environ[ENV]!r}: expected 'default' (glibc's "
+            "own malloc thresholds) or 'kept' (freed memory kept for reuse, the default); "
+            "set one of them or unset it"
+        )
+    if choice == "default" or _users_own():
         return False
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False

@@ -39,6 +39,28 @@ class Normal(dist.Normal):
     Everything else (sampling, ``expand``, KL divergences, the name in a rendered model)
     is Pyro's ``Normal``."""
 
+    def __init__(self, loc, scale, validate_args=None):
+        if isinstance(loc, torch.Tensor) and isinstance(scale, torch.Tensor):
+            if loc.shape == scale.shape and loc.dtype == scale.dtype:  # the ladder's heads
+                # as broadcast_all would leave them, without its two views (and the two
+                # nodes autograd would pass through)
+                self.loc, self.scale = loc, scale
+                torch.distributions.Distribution.__init__(
+                    self, loc.shape, validate_args=validate_args
+                )
+                return
+        super().__init__(loc, scale, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self.__new__(type(self)) if _instance is None else _instance
+        if torch.Size(batch_shape) != self.batch_shape:
+            return super().expand(batch_shape, _instance=new)
+        # Pyro's plates expand every site, to the shape it has as often as not
+        new.loc, new.scale = self.loc, self.scale
+        torch.distributions.Distribution.__init__(new, self.batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)

@@ -12,10 +12,10 @@ import pytest
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 pytestmark = pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
 
-# ten iwae steps of the paper's network after three to warm up: minor page faults per step
+# ten iwae steps of the paper's network after five to warm up: minor page faults per step
 STEPS = textwrap.dedent(
     """
-    import resource, sys, warnings
+    import gc, resource, sys, warnings
     import torch
     from pyro.infer import SVI
     from pyro_ladder import LadderVAE, keep_freed_memory, make_elbo, preset
@@ -26,10 +26,12 @@ STEPS = textwrap.dedent(
     kept = keep_freed_memory() if sys.argv[1] == "kept" else False
     torch.manual_seed(0)
     vae = LadderVAE.from_config(preset("paper-mnist", 784))
-    x = (torch.rand(128, 784) < 0.3).float()
+    x = (torch.rand(256, 784) < 0.3).float()
     svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-3}), make_elbo("iwae", 5))
-    for _ in range(3):
+    for _ in range(5):
         svi.step(x)
+    gc.collect()
+    gc.disable()  # Python's own arenas come and go with the collector: not the subject here
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):
         svi.step(x)
@@ -53,23 +55,34 @@ def _run(which: str, **env):
 
 def test_kept_memory_spares_the_steps_their_page_faults():
     """With glibc's defaults each step of the paper network faults in thousands of fresh
-    pages (about 3,000 per iwae K=5 step at batch 128); with the thresholds set, a few
-    dozen (Python's own objects)."""
+    pages (1,600 to 3,500 per iwae K=5 step at batch 256 in a fresh process); with the
+    thresholds set, a few dozen."""
     kept, setting, faults_kept = _run("kept")
     assert kept and setting == "kept"
     default, setting, faults_default = _run("default")
     assert not default and setting == "default"
     assert faults_default > 1000, faults_default  # the effect the setting removes is there
-    assert faults_kept < 0.1 * faults_default, (faults_kept, faults_default)
+    assert faults_kept < 0.2 * faults_default, (faults_kept, faults_default)
 
 
 @pytest.mark.parametrize(
     "env, setting",
     [
         ({"PYRO_LADDER_MALLOC": "default"}, "default"),
-        ({"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "1000000"}, "user"),
+        ({"MALLOC_ARENA_MAX": "2"}, "user"),  # any MALLOC_* variable is the user's
+        ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000"}, "user"),
     ],
 )
 def test_the_opt_out_and_the_users_own_settings_are_left_alone(env, setting):
     kept, found, _ = _run("kept", **env)
     assert not kept and found == setting
+
+
+@pytest.mark.parametrize("value", ["defualt", "false", "1"])
+def test_an_unknown_choice_is_refused_by_name(value, monkeypatch):
+    from pyro_ladder import ConfigError, allocator
+
+    monkeypatch.setenv("PYRO_LADDER_MALLOC", value)
+    monkeypatch.setattr(allocator, "_state", {})
+    with pytest.raises(ConfigError, match="PYRO_LADDER_MALLOC=.*'default'.*'kept'"):
+        allocator.keep_freed_memory()

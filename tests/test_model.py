@@ -176,6 +176,14 @@ def test_the_ladders_normal_is_pyros_normal_with_a_shorter_log_prob():
     assert torch.equal(draw, dist.Normal(loc, scale).to_event(1).rsample((2,)))
     wide = site.expand((4, 7))
     assert type(wide.base_dist) is Normal and wide.batch_shape == (4, 7)
+    assert torch.equal(wide.log_prob(z[0]), site.log_prob(z[0]).expand(4, 7))
+    same = site.expand((7,))  # what Pyro's plates ask of most sites: no views
+    assert same.base_dist.loc is loc and same.base_dist.scale is scale
+    assert same.base_dist is not site.base_dist and not same.base_dist._validate_args
+    checked = Normal(loc, scale, validate_args=True)  # argument checks as Pyro's
+    assert checked.expand((7, 5))._validate_args
+    with pytest.raises(ValueError, match="scale"):
+        Normal(loc, -scale, validate_args=True)
     other = gaussian(loc * 0.5, scale * 2)
     kl = torch.distributions.kl_divergence(site, other)
     want = torch.distributions.kl_divergence(

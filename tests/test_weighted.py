@@ -1,5 +1,7 @@
 """The importance-weighted estimators: exact identities, unbiasedness, variance."""
 
+import warnings
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -219,3 +221,84 @@ def test_batch_norm_moves_its_statistics_once_per_step(name):
         assert torch.equal(found[key], value), key
     counts = [v for k, v in found.items() if k.endswith("num_batches_tracked")]
     assert counts and all(int(c) == 1 for c in counts)
+
+
+class _NormPair(torch.nn.Module):
+    """A Gaussian pair whose decoder normalizes its hidden layer with ``norm`` (running
+    statistics in training mode): instance norm, batch norm, or a TorchScript-compiled
+    batch norm, which Python hooks cannot see inside."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.dec_in, self.dec_out = torch.nn.Linear(2, 8), torch.nn.Linear(8, 3)
+        self.enc = torch.nn.Linear(3, 4)
+        if kind == "instance":
+            self.norm = torch.nn.InstanceNorm1d(2, track_running_stats=True)
+        elif kind == "batch":
+            self.norm = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(8))
+        else:
+            with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript
+                warnings.simplefilter("ignore")
+                net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(8))
+                self.norm = torch.jit.script(net)
+
+    def model(self, x):
+        pyro.module("norm_pair", self)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            h = self.dec_in(z)
+            h = self.norm(h.reshape(-1, 2, 4)).reshape(h.shape)
+            pyro.sample("x", dist.Normal(self.dec_out(h.tanh()), 1.0).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("norm_pair", self)
+        with pyro.plate("data", x.shape[0]):
+            h = self.enc(x)
+            scale = torch.nn.functional.softplus(h[..., 2:])
+            pyro.sample("z", dist.Normal(h[..., :2], scale).to_event(1))
+
+
+def _norm_statistics(name, kind):
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    pair = _NormPair(kind)
+    x = torch.randn(6, 3)
+    torch.manual_seed(1)
+    make_elbo(name, 3, max_plate_nesting=1).loss_and_grads(pair.model, pair.guide, x)
+    return {n: b.clone() for n, b in pair.named_buffers()}
+
+
+@pytest.mark.parametrize("kind", ["instance", "batch", "scripted"])
+@pytest.mark.parametrize("name", ["rws", "elbo-condkl-sg"])
+def test_every_kind_of_norm_layer_moves_its_statistics_once(name, kind):
+    """A user pair's instance norm and TorchScript batch norm too: the statistics after one
+    step are an iwae step's on the same draws (the model runs once there)."""
+    truth, found = _norm_statistics("iwae", kind), _norm_statistics(name, kind)
+    assert truth
+    for key, value in truth.items():
+        assert torch.equal(found[key], value), key
+
+
+def test_the_hold_is_the_steps_own_thread():
+    """Batch norm that another thread runs while a step's fixed-sample pass holds the
+    step's statistics moves as it would without the step (the hold is per thread)."""
+    import threading
+
+    from pyro_ladder._util import held_statistics
+
+    other = torch.nn.BatchNorm1d(3)
+    started, release = threading.Event(), threading.Event()
+
+    def worker():
+        started.wait()
+        other(torch.randn(8, 3, generator=torch.Generator().manual_seed(0)) + 5.0)
+        release.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    with held_statistics():
+        started.set()
+        release.wait(timeout=30)
+    thread.join()
+    assert int(other.num_batches_tracked) == 1 and other.running_mean.min() > 0.4
+    assert other.momentum == 0.1

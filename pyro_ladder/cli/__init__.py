@@ -27,9 +27,9 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pyro-ladder`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # this process is ours: reuse freed memory (pyro_ladder.allocator)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        keep_freed_memory()  # this process is ours: reuse freed memory (pyro_ladder.allocator)
         return args.func(args)
     except PyroLadderError as err:
         print(f"pyro-ladder: error: {as_flags(str(err))}", file=sys.stderr)

@@ -179,7 +179,7 @@ class CompiledStep(pyro.infer.ELBO):
         loss, params, grads = self._step(model, guide, args, kwargs)
         if not params:
             return loss
-        return loss + _GivenGradients.apply(tuple(grads), *params)
+        return loss + _GivenGradients.apply(tuple(grads), False, *params)
 
     def _get_trace(self, model, guide, args, kwargs):
         return self.estimator._get_trace(model, guide, args, kwargs)

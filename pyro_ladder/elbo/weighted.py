@@ -303,7 +303,13 @@ class WeightedELBO(ScopedELBO, ELBO):
         return getattr(self, "label", type(self).__name__)
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        # this call owns the loss's one backward pass: a split surrogate may hand its
+        # gradient tensors over instead of keeping them (_GivenGradients)
+        self.__dict__["_hand_over"] = True
+        try:
+            loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        finally:
+            self.__dict__["_hand_over"] = False
         if loss.requires_grad:
             loss.backward()
         return loss.item()
@@ -360,7 +366,8 @@ class WeightedELBO(ScopedELBO, ELBO):
         params, grads = found
         if not params:
             return draws.log_p.new_zeros(())
-        return _GivenGradients.apply(tuple(grads), *params) / factor
+        hand_over = self.__dict__.get("_hand_over", False)
+        return _GivenGradients.apply(tuple(grads), hand_over, *params) / factor
 
     def _group_gradients(self, draws, roles, guide_coeffs, model_coeffs, factor=1.0):
         """``(params, grads)`` of :meth:`_split_surrogate` (the gradients times ``factor``),
@@ -492,29 +499,27 @@ class _GivenGradients(torch.autograd.Function):
     the incoming gradient): ``sum_p <g_p, p>``'s gradient at the cost of handing it over.
 
     The usual incoming gradient is exactly 1 (:meth:`WeightedELBO._split_surrogate` takes
-    the loss's factor into ``grads``); the tensors are then handed over as they are and
-    this node lets go of them, so that autograd stores each as the parameter's ``.grad``
-    (no multiplication, no copy). Hence one backward pass per loss: a second (with
-    ``retain_graph``) is refused by name."""
+    the loss's factor into ``grads``), and the tensors are then returned as they are. With
+    ``hand_over`` (``loss_and_grads``, which owns the loss's one backward pass) the node
+    also lets go of them, so that autograd stores each as the parameter's ``.grad`` instead
+    of copying it; otherwise (``differentiable_loss``: a caller may take the gradient in
+    parts, ``autograd.grad`` over some parameters with ``retain_graph``, then the rest) it
+    keeps them for every backward pass through it."""
 
     @staticmethod
-    def forward(ctx, grads, *params):
-        ctx.grads = grads
+    def forward(ctx, grads, hand_over, *params):
+        ctx.grads, ctx.hand_over = grads, hand_over
         return params[0].new_zeros(())
 
     @staticmethod
     def backward(ctx, out):
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError(
-                "this loss's gradients were handed to the parameters by an earlier backward "
-                "pass (a split surrogate of pyro_ladder's DReG estimators gives them once): "
-                "compute the loss again for another backward pass"
-            )
+        grads = ctx.grads
+        if ctx.hand_over:
+            ctx.grads = None  # loss_and_grads runs one backward pass
         # on a CPU the test is free; elsewhere it would wait for the device, so scale
         if not capturing() and out.device.type == "cpu" and bool(out == 1):
-            return (None, *grads)
-        return (None, *(out * g for g in grads))
+            return (None, None, *grads)
+        return (None, None, *(out * g for g in grads))
 
 
 @contextlib.contextmanager
