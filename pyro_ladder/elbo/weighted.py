@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import warnings
 
 import torch
@@ -305,11 +306,11 @@ class WeightedELBO(ScopedELBO, ELBO):
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         # this call owns the loss's one backward pass: a split surrogate may hand its
         # gradient tensors over instead of keeping them (_GivenGradients)
-        self.__dict__["_hand_over"] = True
+        outer, _HANDING_OVER.estimator = getattr(_HANDING_OVER, "estimator", None), self
         try:
             loss = self.differentiable_loss(model, guide, *args, **kwargs)
         finally:
-            self.__dict__["_hand_over"] = False
+            _HANDING_OVER.estimator = outer
         if loss.requires_grad:
             loss.backward()
         return loss.item()
@@ -366,7 +367,7 @@ class WeightedELBO(ScopedELBO, ELBO):
         params, grads = found
         if not params:
             return draws.log_p.new_zeros(())
-        hand_over = self.__dict__.get("_hand_over", False)
+        hand_over = getattr(_HANDING_OVER, "estimator", None) is self
         return _GivenGradients.apply(tuple(grads), hand_over, *params) / factor
 
     def _group_gradients(self, draws, roles, guide_coeffs, model_coeffs, factor=1.0):
@@ -492,6 +493,10 @@ def _same_weight(a, b) -> bool:
 
 def _describe(weights) -> str:
     return ", ".join(f"{n}: {float(w):g}" for n, w in weights.items())
+
+
+# per thread: the estimator whose loss_and_grads is running (it owns the backward pass)
+_HANDING_OVER = threading.local()
 
 
 class _GivenGradients(torch.autograd.Function):
