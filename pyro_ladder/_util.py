@@ -104,8 +104,8 @@ def kept_buffers(*fns):
                 for name, buffer, copy in buffers:
                     if not torch.equal(buffer, copy):  # untouched ones keep their version
                         buffer.copy_(copy)
-                    if module._buffers.get(name) is not buffer:  # replaced in the block
-                        module._buffers[name] = buffer
+                    if getattr(module, name, None) is not buffer:  # replaced in the block
+                        setattr(module, name, buffer)  # (TorchScript modules take it too)
 
 
 # a normalization layer's statistics, which its forward updates in training mode
@@ -113,65 +113,84 @@ _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @contextlib.contextmanager
-def held_statistics():
+def held_statistics(*fns):
     """Normalization layers in training mode (batch norm, instance norm with running
-    statistics; TorchScript-compiled ones too) that run inside the block, in the thread
-    that opened it, normalize as usual but leave their running statistics as they were:
-    for a pass that repeats, on the same inputs, one whose update already counted (the
-    fixed-sample passes of :mod:`pyro_ladder.elbo.weighted`).
+    statistics; TorchScript-compiled ones too) that run inside the block normalize as usual
+    but leave their running statistics as they were: for a pass that repeats, on the same
+    inputs, one whose update already counted (the fixed-sample passes of
+    :mod:`pyro_ladder.elbo.weighted`). Held: every such layer of the modules behind ``fns``
+    (bound methods such as ``vae.model``, in whatever thread they run), and every other one
+    that runs in the thread that opened the block (networks a pair holds in closures);
+    a layer another thread runs meanwhile for its own purposes is not the pass's.
 
     A layer's ``momentum`` is 0 while the block runs (the kernel's update then leaves the
     running mean and variance as they are, bit for bit, and a captured graph records just
     that), and its ``num_batches_tracked`` is put back afterwards. Writing the old values
     back into the statistics instead would change tensors the pass's graph saved for its
-    backward. Inside a TorchScript module, where Python cannot set ``momentum`` for the
-    compiled code, the statistics are replaced by copies for the block and the original
-    tensors put back."""
+    backward. In a TorchScript module, where Python cannot set what the compiled code
+    reads, a layer (known by its running statistics) has them replaced by copies for the
+    block, and the original tensors put back."""
     thread = threading.get_ident()
-    held: dict = {}  # id -> (module, momentum, num_batches_tracked's copy, swapped tensors)
+    held: dict = {}  # id -> (module, momentum or None, count copy or None, swapped tensors)
 
-    def hold(module):
-        if id(module) in held or not module.training:
+    def hold(module):  # a Python norm layer
+        if id(module) in held or not module.training or not module.track_running_stats:
             return
         count = getattr(module, "num_batches_tracked", None)
         count = count.clone() if isinstance(count, torch.Tensor) else None
-        held[id(module)] = (module, module.momentum, count, {})
+        held[id(module)] = (module, module.momentum, count, None)
         module.momentum = 0.0
 
-    def swap(module):  # a norm layer compiled by TorchScript
-        if id(module) in held or not module.training:
+    def swap(module):  # a layer inside TorchScript
+        if id(module) in held or not getattr(module, "training", False):
             return
         own = {n: t for n in _STATISTICS if isinstance(t := getattr(module, n, None), torch.Tensor)}
+        if "running_mean" not in own and "running_var" not in own:
+            return  # keeps no statistics
         held[id(module)] = (module, None, None, own)
         for name, tensor in own.items():
             setattr(module, name, tensor.clone())
 
-    def met(module, _inputs):
-        if threading.get_ident() != thread:  # another thread's networks are not this pass's
-            return
+    def visit(module):
         if isinstance(module, nn.modules.batchnorm._NormBase):
-            if module.track_running_stats:
-                hold(module)
+            hold(module)
         elif isinstance(module, torch.jit.ScriptModule):  # its submodules run in TorchScript
             for sub in module.modules():
-                if getattr(sub, "original_name", "").startswith(("BatchNorm", "InstanceNorm")):
-                    swap(sub)
+                swap(sub)
+
+    def met(module, _inputs):
+        if threading.get_ident() == thread:
+            visit(module)
 
     handle = nn.modules.module.register_module_forward_pre_hook(met)
     try:
+        for owner in modules_of(*fns):
+            for module in owner.modules():
+                visit(module)
         yield
     finally:
         handle.remove()
+        failed = None
+        for module, momentum, count, own in held.values():
+            try:  # every layer is put back, whatever one of them raises
+                _put_back(module, momentum, count, own)
+            except Exception as err:  # noqa: BLE001 (raised below, after the others)
+                failed = failed or err
+        if failed is not None:
+            raise failed
+
+
+def _put_back(module, momentum, count, own) -> None:
+    """Undo :func:`held_statistics` for one layer."""
+    if own is not None:
+        for name, tensor in own.items():
+            setattr(module, name, tensor)
+        return
+    module.momentum = momentum
+    now = getattr(module, "num_batches_tracked", None)
+    if count is not None and now is not None:  # no graph saves the count
         with torch.no_grad():
-            for module, momentum, count, own in held.values():
-                if own:
-                    for name, tensor in own.items():
-                        setattr(module, name, tensor)
-                    continue
-                module.momentum = momentum
-                now = getattr(module, "num_batches_tracked", None)
-                if count is not None and now is not None:  # no graph saves the count
-                    now.copy_(count)
+            now.copy_(count)
 
 
 @contextlib.contextmanager

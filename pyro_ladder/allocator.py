@@ -17,9 +17,10 @@ being returned. A step then reuses the pages of the step before (a few dozen fau
 step, from Python's own objects). The cost: the process may hold up to 256 MiB more than
 it uses between steps; its peak is unchanged. ``fit`` on a CPU, the command line and the
 benchmarks call it; ``PYRO_LADDER_MALLOC=default`` in the environment leaves glibc's
-defaults (``kept``, or unset, sets them; any other value is refused by name), as does any
-``MALLOC_*`` variable of the user's own (or ``GLIBC_TUNABLES``, or a preloaded allocator
-such as jemalloc). Elsewhere than Linux with glibc it does nothing.
+defaults (any other value than ``default`` or ``kept`` is refused by name). Unset, it
+also leaves them to any ``MALLOC_*`` variable of the user's own (or ``GLIBC_TUNABLES``,
+or a preloaded allocator such as jemalloc); ``kept`` sets them anyway. Elsewhere than
+Linux with glibc it does nothing.
 """
 
 from __future__ import annotations
@@ -71,15 +72,15 @@ def _users_own() -> bool:
 
 
 def _set_thresholds() -> bool:
-    choice = os.environ.get(ENV, "kept").strip().lower() or "kept"
-    if choice not in CHOICES:
+    explicit = os.environ.get(ENV, "").strip().lower()
+    if explicit not in ("", *CHOICES):
         raise ConfigError(
             f"environment variable {ENV}={os.environ[ENV]!r}: expected 'default' (glibc's "
             "own malloc thresholds) or 'kept' (freed memory kept for reuse, the default); "
             "set one of them or unset it"
         )
-    if choice == "default" or _users_own():
-        return False
+    if explicit == "default" or (explicit == "" and _users_own()):
+        return False  # an explicit 'kept' sets the thresholds beside the user's others
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     try:

@@ -52,6 +52,9 @@ class Normal(dist.Normal):
         super().__init__(loc, scale, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
+        if _instance is None and type(self).__init__ is not Normal.__init__:
+            # a subclass with settings of its own: torch's rule (it refuses, naming the fix)
+            return super().expand(batch_shape)
         new = self.__new__(type(self)) if _instance is None else _instance
         if torch.Size(batch_shape) != self.batch_shape:
             return super().expand(batch_shape, _instance=new)

@@ -78,6 +78,11 @@ def test_the_opt_out_and_the_users_own_settings_are_left_alone(env, setting):
     assert not kept and found == setting
 
 
+def test_an_explicit_kept_sets_the_thresholds_beside_the_users_others():
+    kept, found, _ = _run("kept", PYRO_LADDER_MALLOC="kept", MALLOC_ARENA_MAX="2")
+    assert kept and found == "kept"
+
+
 @pytest.mark.parametrize("value", ["defualt", "false", "1"])
 def test_an_unknown_choice_is_refused_by_name(value, monkeypatch):
     from pyro_ladder import ConfigError, allocator

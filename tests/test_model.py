@@ -190,3 +190,20 @@ def test_the_ladders_normal_is_pyros_normal_with_a_shorter_log_prob():
         dist.Normal(loc, scale).to_event(1), dist.Normal(loc * 0.5, scale * 2).to_event(1)
     )
     assert torch.allclose(kl, want, rtol=1e-13)
+
+
+def test_a_normal_subclass_with_settings_of_its_own_is_not_rebuilt_without_them():
+    """layers.Normal's expand builds its own class without __init__; a subclass with its
+    own __init__ (settings the copy would lose) gets torch's rule instead: refused."""
+    from pyro_ladder.layers import Normal
+
+    class Tempered(Normal):
+        t = 1.0
+
+        def __init__(self, loc, scale, t):
+            super().__init__(loc, scale)
+            self.t = t
+
+    d = Tempered(torch.zeros(3), torch.ones(3), 2.0)
+    with pytest.raises(NotImplementedError):
+        d.expand((4, 3))

@@ -1,5 +1,6 @@
 """The importance-weighted estimators: exact identities, unbiasedness, variance."""
 
+import concurrent.futures
 import warnings
 
 import pyro
@@ -232,23 +233,38 @@ class _NormPair(torch.nn.Module):
         super().__init__()
         self.dec_in, self.dec_out = torch.nn.Linear(2, 8), torch.nn.Linear(8, 3)
         self.enc = torch.nn.Linear(3, 4)
+        self.kind = kind
         if kind == "instance":
             self.norm = torch.nn.InstanceNorm1d(2, track_running_stats=True)
-        elif kind == "batch":
+        elif kind in ("batch", "worker"):
             self.norm = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(8))
         else:
+            scripted = {
+                "scripted": torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(8)),
+                "scripted-subclass": torch.nn.Sequential(torch.nn.Flatten(), _OwnBatchNorm(8)),
+                "scripted-no-statistics": torch.nn.InstanceNorm1d(2),
+            }[kind]
             with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript
                 warnings.simplefilter("ignore")
-                net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(8))
-                self.norm = torch.jit.script(net)
+                self.norm = torch.jit.script(scripted)
+            self.plain = torch.nn.BatchNorm1d(3)  # after it: still held, put back
+
+    def _normalized(self, h):
+        if self.kind != "worker":
+            return self.norm(h)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # as DataParallel's replicas
+            return pool.submit(self.norm, h).result()
 
     def model(self, x):
         pyro.module("norm_pair", self)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
             h = self.dec_in(z)
-            h = self.norm(h.reshape(-1, 2, 4)).reshape(h.shape)
-            pyro.sample("x", dist.Normal(self.dec_out(h.tanh()), 1.0).to_event(1), obs=x)
+            h = self._normalized(h.reshape(-1, 2, 4)).reshape(h.shape)
+            out = self.dec_out(h.tanh())
+            if hasattr(self, "plain"):
+                out = self.plain(out.reshape(-1, 3)).reshape(out.shape)
+            pyro.sample("x", dist.Normal(out, 1.0).to_event(1), obs=x)
 
     def guide(self, x):
         pyro.module("norm_pair", self)
@@ -265,14 +281,25 @@ def _norm_statistics(name, kind):
     x = torch.randn(6, 3)
     torch.manual_seed(1)
     make_elbo(name, 3, max_plate_nesting=1).loss_and_grads(pair.model, pair.guide, x)
+    momenta = [m.momentum for m in pair.modules() if hasattr(m, "momentum")]
+    assert momenta and all(m == 0.1 for m in momenta)
     return {n: b.clone() for n, b in pair.named_buffers()}
 
 
-@pytest.mark.parametrize("kind", ["instance", "batch", "scripted"])
+class _OwnBatchNorm(torch.nn.BatchNorm1d):
+    """A user's batch norm class: under TorchScript it is known by its statistics only."""
+
+
+KINDS = ["instance", "batch", "worker", "scripted", "scripted-subclass", "scripted-no-statistics"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", ["rws", "elbo-condkl-sg"])
 def test_every_kind_of_norm_layer_moves_its_statistics_once(name, kind):
-    """A user pair's instance norm and TorchScript batch norm too: the statistics after one
-    step are an iwae step's on the same draws (the model runs once there)."""
+    """A user pair's instance norm, batch norm run in a worker thread, and TorchScript norm
+    layers (a subclass; one without statistics, beside a plain batch norm) too: the
+    statistics after one step are an iwae step's on the same draws (the model runs once
+    there), and every layer's momentum is its own again."""
     truth, found = _norm_statistics("iwae", kind), _norm_statistics(name, kind)
     assert truth
     for key, value in truth.items():

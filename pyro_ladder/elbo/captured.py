@@ -165,12 +165,20 @@ class CompiledStep(pyro.infer.ELBO):
         if not torch.is_grad_enabled():  # no gradient to capture: as the estimator does
             return self.estimator.loss_and_grads(model, guide, *args, **kwargs)
         loss, params, grads = self._step(model, guide, args, kwargs)
+        given = set()  # storages already handed to a parameter in this call
         for p, g in zip(params, grads, strict=True):
             g = g if g.dtype == p.dtype else g.to(p.dtype)
-            if p.grad is None:
-                p.grad = g
-            else:
+            if p.grad is not None:
                 p.grad.add_(g)
+                continue
+            # a graph output may be shared by two parameters (``a + b``) or be a broadcast
+            # view (``c.sum()``'s gradient has stride 0): a .grad of its own, laid out like
+            # the parameter, as autograd gives it, so in-place updates touch one parameter
+            storage = g.untyped_storage().data_ptr()
+            if storage in given or g.stride() != p.stride():
+                g = torch.empty_like(p).copy_(g)
+            given.add(g.untyped_storage().data_ptr())
+            p.grad = g
         return loss.item()
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:

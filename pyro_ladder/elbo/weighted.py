@@ -186,7 +186,7 @@ class _Draws:
             # the ladder's module registrations are not even sent (SentAlready)
             fn = poutine.block(fn, hide_types=["param"])
             # batch norm moves its statistics once per step, in the live pass
-            with self.particles, _frozen(frozen), held_statistics():
+            with self.particles, _frozen(frozen), held_statistics(model, guide):
                 self._fixed[key] = poutine.trace(fn).get_trace(*args, **kwargs)
         return self._fixed[key]
 
