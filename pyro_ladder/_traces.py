@@ -54,7 +54,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 
 from ._memo import ReuseOutputs, reuse_outputs
-from ._util import eval_as_met, eval_mode, modules_of, without_side_effects
+from ._util import eval_as_met, eval_mode, held_statistics, modules_of, without_side_effects
 from .errors import ConfigError
 from .warmup import UNWEIGHTED_MASK
 
@@ -366,12 +366,48 @@ def _roles_by_dependence(model, guide, args, kwargs, params: dict) -> Roles:
         # a reparameterized sample carries its parameters even where no density does
         q_terms += [s["value"].sum() for _, s in latents if s["value"].requires_grad]
         p_terms = [s["fn"].log_prob(s["value"]).sum() for _, s in sample_sites(model_trace)]
+        # tensors the pass reaches that the pair never registers with Pyro (a network it
+        # runs without pyro.module): autograd gives them gradients as it gives Pyro's own
+        # ELBOs, so they take part by dependence too
+        for name, tensor in _unregistered(q_terms + p_terms, tensors, (model, guide)).items():
+            names.append(name)
+            tensors.append(tensor)
         in_guide, in_model = (_depends(terms, tensors) for terms in (q_terms, p_terms))
     rows = list(zip(names, tensors, in_model, in_guide, strict=True))
     model_params = {n: t for n, t, m, _ in rows if m}
     shared = {n: t for n, t, m, g in rows if m and g}
     guide_only = {n: t for n, t, m, g in rows if g and not m}
     return Roles(guide_only, model_params, shared)
+
+
+def _unregistered(terms, known, fns) -> dict:
+    """``{name: tensor}`` of the leaves with ``requires_grad`` that ``terms``' graph reaches
+    and ``known`` does not hold: named ``unregistered:<Module>.<parameter>`` where a module
+    behind ``fns`` (:func:`~pyro_ladder._util.modules_of`) holds them, else by position
+    and shape."""
+    known_ids = {id(t) for t in known}
+    found, seen = {}, set()
+    stack = [t.grad_fn for t in terms if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # an AccumulateGrad node
+        if leaf is not None and id(leaf) not in known_ids:
+            found.setdefault(id(leaf), leaf)
+        stack.extend(n for n, _ in node.next_functions if n is not None and n not in seen)
+    if not found:
+        return {}
+    owners = {}
+    for module in modules_of(*fns):
+        for pname, param in module.named_parameters():
+            owners.setdefault(id(param), f"{type(module).__name__}.{pname}")
+    out = {}
+    for i, (key, leaf) in enumerate(found.items()):
+        name = f"unregistered:{owners.get(key, f'tensor{i}{tuple(leaf.shape)}')}"
+        out[name if name not in out else f"{name}#{i}"] = leaf
+    return out
 
 
 def _depends(terms, tensors) -> list[bool]:
@@ -387,8 +423,9 @@ def _depends(terms, tensors) -> list[bool]:
 def _quiet_pass(model, guide):
     """A pass that leaves no trace on the caller: torch's random state restored (CPU and
     the current CUDA device; Pyro draws from nothing else), batch-norm statistics untouched
-    (eval mode), its own reuse scope with reuse off, and its parameter registrations kept
-    from outer handlers (SVI's capture).
+    (eval mode; held where a TorchScript module's layers stay in training mode), its own
+    reuse scope with reuse off, and its parameter registrations kept from outer handlers
+    (SVI's capture).
 
     Buffers are left alone, not restored afterwards (``preserved_state``): a restoring copy
     would bump the version of buffers that the caller's live graph saved for its backward.
@@ -398,6 +435,7 @@ def _quiet_pass(model, guide):
         torch.random.fork_rng(devices=devices),
         eval_mode(*modules_of(model, guide)),
         eval_as_met(),  # networks held in closures, which modules_of cannot name
+        held_statistics(model, guide),  # layers inside TorchScript, which eval_as_met misses
         reuse_outputs(False),
         ReuseOutputs(),
         poutine.block(hide_types=["param"]),

@@ -115,21 +115,26 @@ _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 @contextlib.contextmanager
 def held_statistics(*fns):
     """Normalization layers in training mode (batch norm, instance norm with running
-    statistics; TorchScript-compiled ones too) that run inside the block normalize as usual
+    statistics; TorchScript-compiled ones and layers of a user's own that keep a
+    ``running_mean`` or ``running_var`` too) that run inside the block normalize as usual
     but leave their running statistics as they were: for a pass that repeats, on the same
     inputs, one whose update already counted (the fixed-sample passes of
-    :mod:`pyro_ladder.elbo.weighted`). Held: every such layer of the modules behind ``fns``
-    (bound methods such as ``vae.model``, in whatever thread they run), and every other one
-    that runs in the thread that opened the block (networks a pair holds in closures);
-    a layer another thread runs meanwhile for its own purposes is not the pass's.
+    :mod:`pyro_ladder.elbo.weighted`, the dependence pass of
+    :func:`~pyro_ladder._traces.parameter_roles`). Held: every such layer of the modules
+    behind ``fns`` (bound methods such as ``vae.model``, in whatever thread they run), and
+    every other one called (``layer(x)``, which runs forward hooks) in the thread that
+    opened the block (networks a pair holds in closures). Not held: a closure's layer run
+    by another thread, or called as ``layer.forward(x)``; a layer another thread runs
+    meanwhile for its own purposes is not the pass's.
 
     A layer's ``momentum`` is 0 while the block runs (the kernel's update then leaves the
     running mean and variance as they are, bit for bit, and a captured graph records just
     that), and its ``num_batches_tracked`` is put back afterwards. Writing the old values
     back into the statistics instead would change tensors the pass's graph saved for its
     backward. In a TorchScript module, where Python cannot set what the compiled code
-    reads, a layer (known by its running statistics) has them replaced by copies for the
-    block, and the original tensors put back."""
+    reads, and in a layer of the user's own, whose update torch does not know, a layer
+    (known by its running statistics) has them replaced by copies for the block, and the
+    original tensors put back."""
     thread = threading.get_ident()
     held: dict = {}  # id -> (module, momentum or None, count copy or None, swapped tensors)
 
@@ -157,6 +162,8 @@ def held_statistics(*fns):
         elif isinstance(module, torch.jit.ScriptModule):  # its submodules run in TorchScript
             for sub in module.modules():
                 swap(sub)
+        elif _keeps_statistics(module):  # a layer of the user's own with running statistics
+            swap(module)
 
     def met(module, _inputs):
         if threading.get_ident() == thread:
@@ -178,6 +185,12 @@ def held_statistics(*fns):
                 failed = failed or err
         if failed is not None:
             raise failed
+
+
+def _keeps_statistics(module: nn.Module) -> bool:
+    """Does ``module`` hold a running mean or variance (a buffer or a tensor attribute)?"""
+    own, buffers = module.__dict__, module.__dict__.get("_buffers", {})
+    return any(name in buffers or name in own for name in ("running_mean", "running_var"))
 
 
 def _put_back(module, momentum, count, own) -> None:

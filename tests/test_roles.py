@@ -174,7 +174,20 @@ class ParamStore:
         return {n: store[f"ps.{n}"].grad for n in _weights()}
 
 
+class PartlyRegistered(PerNetwork):
+    """Only the model registers its networks; the guide runs its own (encoder and heads)
+    without telling Pyro, as a loop that calls ``backward`` itself may (Lightning)."""
+
+    def guide(self, x):
+        _guide(x, self.p)
+
+
 STYLES = [PerNetwork, WholeModule, AsPyroModule, ParamStore, TwiceRegistered]
+# the gradients are the same whatever is registered with Pyro (the roles come from
+# dependence: the split estimators once gave unregistered networks no gradient at all)
+# (a pair that registers nothing at all gets none from Pyro's own Trace_ELBO: it calls
+# backward only when a trace holds a param site)
+GRADIENT_STYLES = [*STYLES, PartlyRegistered]
 OPTIONS = {
     "renyi": {"alpha": 0.5},
     "miwae": {"outer": 2},
@@ -236,7 +249,7 @@ CASES = [(n, {}) for n in NAMES] + [
 def test_every_estimator_gives_the_same_gradients_in_every_registration_style(name, options, x):
     ref_loss, ref = _run(PerNetwork, name, x, **options)
     assert any(g.abs().sum() > 0 for n, g in ref.items() if n.startswith("enc"))
-    for style in STYLES[1:]:
+    for style in GRADIENT_STYLES[1:]:
         loss, grads = _run(style, name, x, **options)
         assert loss == pytest.approx(ref_loss, rel=1e-12), style.__name__
         for n, g in grads.items():

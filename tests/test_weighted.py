@@ -238,6 +238,9 @@ class _NormPair(torch.nn.Module):
             self.norm = torch.nn.InstanceNorm1d(2, track_running_stats=True)
         elif kind in ("batch", "worker"):
             self.norm = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(8))
+        elif kind == "custom":
+            self.norm = torch.nn.Sequential(torch.nn.Flatten(), _RunningCentre(8))
+            self.plain = torch.nn.BatchNorm1d(3)
         else:
             scripted = {
                 "scripted": torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(8)),
@@ -290,7 +293,32 @@ class _OwnBatchNorm(torch.nn.BatchNorm1d):
     """A user's batch norm class: under TorchScript it is known by its statistics only."""
 
 
-KINDS = ["instance", "batch", "worker", "scripted", "scripted-subclass", "scripted-no-statistics"]
+class _RunningCentre(torch.nn.Module):
+    """A user's own normalization layer, no torch class: it centres with the batch mean in
+    training mode and keeps a running mean, which its forward updates in place."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(n))
+
+    def forward(self, h):
+        if not self.training:
+            return h - self.running_mean
+        mean = h.mean(0)
+        with torch.no_grad():
+            self.running_mean.mul_(0.9).add_(0.1 * mean)
+        return h - mean
+
+
+KINDS = [
+    "instance",
+    "batch",
+    "worker",
+    "custom",
+    "scripted",
+    "scripted-subclass",
+    "scripted-no-statistics",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -302,6 +330,65 @@ def test_every_kind_of_norm_layer_moves_its_statistics_once(name, kind):
     there), and every layer's momentum is its own again."""
     truth, found = _norm_statistics("iwae", kind), _norm_statistics(name, kind)
     assert truth
+    for key, value in truth.items():
+        assert torch.equal(found[key], value), key
+
+
+def _closure_pair(norm):
+    """A plain-function pair whose networks live in closures (no module behind a bound
+    method): the decoder's hidden layer goes through ``norm``."""
+    torch.manual_seed(0)
+    dec_in, dec_out, enc = torch.nn.Linear(2, 8), torch.nn.Linear(8, 3), torch.nn.Linear(3, 4)
+    nets = torch.nn.ModuleDict({"dec_in": dec_in, "dec_out": dec_out, "enc": enc, "norm": norm})
+
+    def model(x):
+        pyro.module("closure_norm", nets)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            h = dec_in(z)
+            h = norm(h.reshape(-1, 8)).reshape(h.shape)
+            pyro.sample("x", dist.Normal(dec_out(h.tanh()), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("closure_norm", nets)
+        with pyro.plate("data", x.shape[0]):
+            h = enc(x)
+            scale = torch.nn.functional.softplus(h[..., 2:])
+            pyro.sample("z", dist.Normal(h[..., :2], scale).to_event(1))
+
+    return model, guide, nets
+
+
+@pytest.mark.parametrize("compiled", ["script", "trace"])
+@pytest.mark.parametrize("name, options", [("piwae", {"outer": 1}), ("rws", {"shared": "theta"})])
+def test_the_roles_pass_leaves_torchscript_statistics_in_closures_alone(compiled, name, options):
+    """Estimators that find parameter roles by a dependence pass of their own (eval mode,
+    its own random numbers): a TorchScript batch norm held in a closure runs its layers in
+    training mode there (eval mode reaches only the outer compiled module), so before the
+    pass moved its statistics once more per pair. Truth: two iwae calls on the same draws."""
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(5))
+
+    def statistics(estimator, **opts):
+        pyro.clear_param_store()
+        seeded = torch.Generator().manual_seed(2)  # the trace's example batch
+        with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript
+            warnings.simplefilter("ignore")
+            norm = torch.nn.Sequential(torch.nn.BatchNorm1d(8))
+            norm = (
+                torch.jit.script(norm)
+                if compiled == "script"
+                else torch.jit.trace(norm, torch.randn(18, 8, generator=seeded), check_trace=False)
+            )
+        model, guide, nets = _closure_pair(norm)
+        start = int(dict(nets.named_buffers())["norm.0.num_batches_tracked"])  # a trace ran it
+        elbo = make_elbo(estimator, 3, max_plate_nesting=1, **opts)
+        torch.manual_seed(1)
+        for _ in range(2):
+            elbo.loss_and_grads(model, guide, x)
+        return start, {n: b.clone() for n, b in nets.named_buffers()}
+
+    (start, truth), (_, found) = statistics("iwae"), statistics(name, **options)
+    assert int(truth["norm.0.num_batches_tracked"]) == start + 2
     for key, value in truth.items():
         assert torch.equal(found[key], value), key
 
