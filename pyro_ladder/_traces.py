@@ -291,7 +291,11 @@ def parameter_roles(model, guide, args, kwargs, traces=None, refresh=False) -> R
     that switches a prior network on). A pair rebuilt at every call (a new lambda) is
     examined at every call; ``refresh`` examines it again whatever the cache holds (a
     caller that saw a parameter without a role reached by its live pass). Parameters that
-    take no gradient have no role, nor do parameters neither side depends on.
+    take no gradient have no role, nor do parameters neither side depends on. Tensors the
+    pass reaches that the pair does not register with Pyro (a network run without
+    ``pyro.module``, data that requires grad) get their roles by dependence too, named
+    ``unregistered:...``; a pair with any is examined at every call (one more pass per
+    step), since the cache's key cannot tell when they change.
     """
     if traces is None:
         with _quiet_pass(model, guide):
@@ -307,9 +311,12 @@ def parameter_roles(model, guide, args, kwargs, traces=None, refresh=False) -> R
     if entry is not None and entry[0]() is not None and entry[1]() is not None:
         _ROLES_CACHE.move_to_end(key)
         return entry[3]
-    roles = _roles_by_dependence(model, guide, args, kwargs, params)
+    roles, registered_only = _roles_by_dependence(model, guide, args, kwargs, params)
     refs = (_weak(model), _weak(guide))
-    if refs[0] is not None and refs[1] is not None:
+    # the key names the registered tensors only: roles that hold unregistered ones (a
+    # network run without pyro.module, data that requires grad) would go stale unseen
+    # when those change (a new batch, a replaced network), so they are found at every call
+    if registered_only and refs[0] is not None and refs[1] is not None:
         # the entry holds the key's tensors and objects, so their ids cannot pass to new ones
         _ROLES_CACHE[key] = (*refs, (tuple(params.values()), objects), roles)
         while len(_ROLES_CACHE) > _ROLES_CACHE_SIZE:
@@ -351,8 +358,9 @@ def _arg_signature(value, objects: list):
     return ("object", type(value).__qualname__, id(value))
 
 
-def _roles_by_dependence(model, guide, args, kwargs, params: dict) -> Roles:
-    """The pass :func:`parameter_roles` describes, on the parameters ``params``."""
+def _roles_by_dependence(model, guide, args, kwargs, params: dict) -> tuple[Roles, bool]:
+    """The pass :func:`parameter_roles` describes, on the parameters ``params`` and the
+    tensors it reaches that the pair does not register; whether there were none such."""
     names, tensors = list(params), list(params.values())
     # the caller may run under no_grad (a check before training): the pass and its
     # log-densities need a graph all the same
@@ -369,7 +377,8 @@ def _roles_by_dependence(model, guide, args, kwargs, params: dict) -> Roles:
         # tensors the pass reaches that the pair never registers with Pyro (a network it
         # runs without pyro.module): autograd gives them gradients as it gives Pyro's own
         # ELBOs, so they take part by dependence too
-        for name, tensor in _unregistered(q_terms + p_terms, tensors, (model, guide)).items():
+        unregistered = _unregistered(q_terms + p_terms, tensors, (model, guide))
+        for name, tensor in unregistered.items():
             names.append(name)
             tensors.append(tensor)
         in_guide, in_model = (_depends(terms, tensors) for terms in (q_terms, p_terms))
@@ -377,7 +386,7 @@ def _roles_by_dependence(model, guide, args, kwargs, params: dict) -> Roles:
     model_params = {n: t for n, t, m, _ in rows if m}
     shared = {n: t for n, t, m, g in rows if m and g}
     guide_only = {n: t for n, t, m, g in rows if g and not m}
-    return Roles(guide_only, model_params, shared)
+    return Roles(guide_only, model_params, shared), not unregistered
 
 
 def _unregistered(terms, known, fns) -> dict:

@@ -146,15 +146,18 @@ def held_statistics(*fns):
         held[id(module)] = (module, module.momentum, count, None)
         module.momentum = 0.0
 
-    def swap(module):  # a layer inside TorchScript
+    def swap(module):  # a layer inside TorchScript, or a user's own: copies for the block
         if id(module) in held or not getattr(module, "training", False):
             return
-        own = {n: t for n in _STATISTICS if isinstance(t := getattr(module, n, None), torch.Tensor)}
+        own = {n: v for n in _STATISTICS if _is_statistic(v := getattr(module, n, None))}
         if "running_mean" not in own and "running_var" not in own:
             return  # keeps no statistics
         held[id(module)] = (module, None, None, own)
-        for name, tensor in own.items():
-            setattr(module, name, tensor.clone())
+        for name, value in own.items():  # a number (a count) is put back afterwards
+            if isinstance(value, nn.Parameter):  # statistics kept as frozen parameters
+                setattr(module, name, nn.Parameter(value.detach().clone(), requires_grad=False))
+            elif isinstance(value, torch.Tensor):
+                setattr(module, name, value.clone())
 
     def visit(module):
         if isinstance(module, nn.modules.batchnorm._NormBase):
@@ -188,9 +191,20 @@ def held_statistics(*fns):
 
 
 def _keeps_statistics(module: nn.Module) -> bool:
-    """Does ``module`` hold a running mean or variance (a buffer or a tensor attribute)?"""
-    own, buffers = module.__dict__, module.__dict__.get("_buffers", {})
-    return any(name in buffers or name in own for name in ("running_mean", "running_var"))
+    """Does ``module`` hold a running mean or variance (a buffer, a parameter that takes no
+    gradient, or a tensor attribute)?"""
+    own = module.__dict__
+    places = (own, own.get("_buffers", {}), own.get("_parameters", {}))
+    names = ("running_mean", "running_var")
+    return any(_is_statistic(place.get(name)) for place in places for name in names)
+
+
+def _is_statistic(value) -> bool:
+    """A value a layer may keep as a running statistic: a tensor (a parameter only if it
+    takes no gradient: one that does is trained, not kept) or a number (a count)."""
+    if isinstance(value, nn.Parameter):
+        return not value.requires_grad
+    return isinstance(value, (torch.Tensor, int, float)) and not isinstance(value, bool)
 
 
 def _put_back(module, momentum, count, own) -> None:

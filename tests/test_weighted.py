@@ -238,8 +238,11 @@ class _NormPair(torch.nn.Module):
             self.norm = torch.nn.InstanceNorm1d(2, track_running_stats=True)
         elif kind in ("batch", "worker"):
             self.norm = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(8))
-        elif kind == "custom":
-            self.norm = torch.nn.Sequential(torch.nn.Flatten(), _RunningCentre(8))
+        elif kind.startswith("custom"):
+            layer = {"custom": _RunningCentre, "custom-count": _CountingCentre}.get(
+                kind, _FrozenParameterCentre
+            )
+            self.norm = torch.nn.Sequential(torch.nn.Flatten(), layer(8))
             self.plain = torch.nn.BatchNorm1d(3)
         else:
             scripted = {
@@ -283,10 +286,17 @@ def _norm_statistics(name, kind):
     pair = _NormPair(kind)
     x = torch.randn(6, 3)
     torch.manual_seed(1)
-    make_elbo(name, 3, max_plate_nesting=1).loss_and_grads(pair.model, pair.guide, x)
+    with warnings.catch_warnings():  # Pyro's: a parameter without gradient is not registered
+        warnings.filterwarnings("ignore", ".*running_mean was not registered")
+        make_elbo(name, 3, max_plate_nesting=1).loss_and_grads(pair.model, pair.guide, x)
     momenta = [m.momentum for m in pair.modules() if hasattr(m, "momentum")]
     assert momenta and all(m == 0.1 for m in momenta)
-    return {n: b.clone() for n, b in pair.named_buffers()}
+    statistics = {n: b.clone() for n, b in pair.named_buffers()}
+    statistics.update((n, p.detach().clone()) for n, p in pair.named_parameters() if "running" in n)
+    for name_, module in pair.named_modules():  # a count kept as a Python int
+        if isinstance(count := module.__dict__.get("num_batches_tracked"), int):
+            statistics[f"{name_}.count"] = torch.tensor(count)
+    return statistics
 
 
 class _OwnBatchNorm(torch.nn.BatchNorm1d):
@@ -310,11 +320,38 @@ class _RunningCentre(torch.nn.Module):
         return h - mean
 
 
+class _CountingCentre(torch.nn.Module):
+    """A user's layer that keeps a cumulative running mean with a Python ``int`` count."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.num_batches_tracked = 0
+
+    def forward(self, h):
+        mean = h.mean(0)
+        if self.training:
+            self.num_batches_tracked += 1
+            with torch.no_grad():
+                self.running_mean.lerp_(mean, 1.0 / self.num_batches_tracked)
+        return h - mean
+
+
+class _FrozenParameterCentre(_RunningCentre):
+    """A user's layer that keeps its running mean as a parameter that takes no gradient."""
+
+    def __init__(self, n):
+        torch.nn.Module.__init__(self)
+        self.running_mean = torch.nn.Parameter(torch.zeros(n), requires_grad=False)
+
+
 KINDS = [
     "instance",
     "batch",
     "worker",
     "custom",
+    "custom-count",
+    "custom-parameter",
     "scripted",
     "scripted-subclass",
     "scripted-no-statistics",
