@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -307,11 +308,16 @@ def parameter_roles(model, guide, args, kwargs, traces=None, refresh=False) -> R
         tuple((n, id(t)) for n, t in params.items()),
         _arg_signature((args, kwargs), objects := []),
     )
+    held = getattr(_HELD_ROLES, "entries", None)
+    if held is not None and not refresh and key in held:
+        return held[key][1]
     entry = None if refresh else _ROLES_CACHE.get(key)
     if entry is not None and entry[0]() is not None and entry[1]() is not None:
         _ROLES_CACHE.move_to_end(key)
         return entry[3]
     roles, registered_only = _roles_by_dependence(model, guide, args, kwargs, params)
+    if held is not None:  # the entry holds the key's tensors and objects, as below
+        held[key] = ((tuple(params.values()), objects, model, guide), roles)
     refs = (_weak(model), _weak(guide))
     # the key names the registered tensors only: roles that hold unregistered ones (a
     # network run without pyro.module, data that requires grad) would go stale unseen
@@ -322,6 +328,24 @@ def parameter_roles(model, guide, args, kwargs, traces=None, refresh=False) -> R
         while len(_ROLES_CACHE) > _ROLES_CACHE_SIZE:
             _ROLES_CACHE.popitem(last=False)
     return roles
+
+
+_HELD_ROLES = threading.local()
+
+
+@contextlib.contextmanager
+def roles_held():
+    """Inside the block (in this thread), :func:`parameter_roles` answers a pair as it
+    first did in the block, also where it would not cache the answer (a pair with tensors
+    it does not register): for a captured step (:mod:`pyro_ladder.elbo.captured`), whose
+    recording must not run the dependence pass again (its draws would be recorded into
+    the graph, and each replay would draw them)."""
+    outer = getattr(_HELD_ROLES, "entries", None)
+    _HELD_ROLES.entries = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _HELD_ROLES.entries = outer
 
 
 def live_parameters(traces) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import random
 import tempfile
@@ -204,7 +205,7 @@ def _is_statistic(value) -> bool:
     takes no gradient: one that does is trained, not kept) or a number (a count)."""
     if isinstance(value, nn.Parameter):
         return not value.requires_grad
-    return isinstance(value, (torch.Tensor, int, float)) and not isinstance(value, bool)
+    return isinstance(value, (torch.Tensor, numbers.Number)) and not isinstance(value, bool)
 
 
 def _put_back(module, momentum, count, own) -> None:

@@ -1,8 +1,10 @@
 """The importance-weighted estimators: exact identities, unbiasedness, variance."""
 
 import concurrent.futures
+import functools
 import warnings
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -239,9 +241,11 @@ class _NormPair(torch.nn.Module):
         elif kind in ("batch", "worker"):
             self.norm = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(8))
         elif kind.startswith("custom"):
-            layer = {"custom": _RunningCentre, "custom-count": _CountingCentre}.get(
-                kind, _FrozenParameterCentre
-            )
+            layer = {
+                "custom": _RunningCentre,
+                "custom-count": _CountingCentre,
+                "custom-numpy-count": functools.partial(_CountingCentre, start=np.int64(0)),
+            }.get(kind, _FrozenParameterCentre)
             self.norm = torch.nn.Sequential(torch.nn.Flatten(), layer(8))
             self.plain = torch.nn.BatchNorm1d(3)
         else:
@@ -294,7 +298,7 @@ def _norm_statistics(name, kind):
     statistics = {n: b.clone() for n, b in pair.named_buffers()}
     statistics.update((n, p.detach().clone()) for n, p in pair.named_parameters() if "running" in n)
     for name_, module in pair.named_modules():  # a count kept as a Python int
-        if isinstance(count := module.__dict__.get("num_batches_tracked"), int):
+        if isinstance(count := module.__dict__.get("num_batches_tracked"), (int, np.integer)):
             statistics[f"{name_}.count"] = torch.tensor(count)
     return statistics
 
@@ -323,10 +327,10 @@ class _RunningCentre(torch.nn.Module):
 class _CountingCentre(torch.nn.Module):
     """A user's layer that keeps a cumulative running mean with a Python ``int`` count."""
 
-    def __init__(self, n):
+    def __init__(self, n, start=0):
         super().__init__()
         self.register_buffer("running_mean", torch.zeros(n))
-        self.num_batches_tracked = 0
+        self.num_batches_tracked = start  # an int, or a NumPy integer
 
     def forward(self, h):
         mean = h.mean(0)
@@ -351,6 +355,7 @@ KINDS = [
     "worker",
     "custom",
     "custom-count",
+    "custom-numpy-count",
     "custom-parameter",
     "scripted",
     "scripted-subclass",

@@ -90,6 +90,7 @@ from torch.utils._pytree import tree_flatten
 from .._capture import capture_scope, defer_check
 from .._compile import validation_kept
 from .._params import _param_message, _stored_as_is
+from .._traces import roles_held
 from .._util import kept_buffers, rng_state, set_rng_state
 from ..errors import ConfigError
 from .surrogate import differentiable_loss
@@ -337,6 +338,13 @@ class _Capture:
     def __init__(self, estimator, options, model, guide, args, kwargs):
         self.estimator, self.options = estimator, options
         call = (model, guide, args, kwargs)
+        # the roles the exploration finds serve the recording and the check: the graph
+        # must not record the dependence pass of a pair whose roles are found at every
+        # call (its draws would be drawn again at each replay)
+        with roles_held():
+            self._capture(call, model, guide, args, kwargs)
+
+    def _capture(self, call, model, guide, args, kwargs) -> None:
         self.names, self.modules = self._explore(call)
         # the plain settings of each module that ran and of the objects behind the pair
         # (a bound method's instance: vae.model's vae), by name: read again at every call
@@ -369,7 +377,7 @@ class _Capture:
             )
         _check_constants(self.graph)
         self._verify(call, leaves)
-        self.compiled = self.graph if options.get("backend") == "eager" else None
+        self.compiled = self.graph if self.options.get("backend") == "eager" else None
 
     # -- what the step touches
     def _explore(self, call):
