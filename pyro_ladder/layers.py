@@ -36,8 +36,9 @@ class Normal(dist.Normal):
     ``-0.5 ((z - loc) / scale)^2 - log scale - log sqrt(2 pi)`` (no separate variance,
     negation or doubling; the tests compare it with Pyro's). The ladder evaluates it at
     every latent site of every pass, and autograd runs each operation again backward.
-    Everything else (sampling, ``expand``, KL divergences, the name in a rendered model)
-    is Pyro's ``Normal``."""
+    Its ``expand`` to the shape it already has (which Pyro's plates ask of every site)
+    shares its tensors; any other ``expand`` is Pyro's, as are sampling, KL divergences
+    and the name in a rendered model."""
 
     def __init__(self, loc, scale, validate_args=None):
         if isinstance(loc, torch.Tensor) and isinstance(scale, torch.Tensor):
