@@ -12,11 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,25 +36,11 @@ def _measure(malloc: str, threads: int, repeats: int) -> dict:
         batch_norm = estimator != "iwae-dreg"  # which refuses it in training mode
         vae, ref = run._pair(784, (64, 32, 16, 8, 4), (512, 256, 128, 64, 32), 0, batch_norm)
         fns = run._train_fns(vae, ref, estimator, k, run._Batches(data, 256), detail=False)
-        for _ in range(3):
-            for fn in fns.values():
-                fn()
-        times = {name: [] for name in fns}
-        faults = {name: 0 for name in fns}
-        for r in range(repeats):
-            for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
-                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                start = time.perf_counter()
-                fns[name]()
-                times[name].append(time.perf_counter() - start)
-                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        t = run._interleaved(fns, repeats, warmup=3)  # medians, faults counted per call
         out[estimator] = {
             f"{name}_{what}": value
             for name in fns
-            for what, value in (
-                ("ms", 1e3 * statistics.median(times[name])),
-                ("faults", faults[name] / repeats),
-            )
+            for what, value in (("ms", 1e3 * t[name]), ("faults", t[f"{name}_faults"]))
         }
         row = out[estimator]
         row["ratio"] = row["library_ms"] / row["reference_ms"]

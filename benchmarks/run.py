@@ -228,26 +228,36 @@ def _pair(x_dim, latent, hidden, seed, batch_norm=True):
 
 def _interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
     """Median wall-clock seconds of each function (``name``), median CPU seconds of this
-    process (``name_cpu``: what the function cost, whatever else the machine ran) and every
-    wall-clock time (``name_all``); the order alternates between repeats."""
+    process (``name_cpu``: what the function cost, whatever else the machine ran), every
+    wall-clock time (``name_all``) and the mean minor page faults per call
+    (``name_faults``); the order alternates between repeats."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     wall = {name: [] for name in names}
     cpu = {name: [] for name in names}
+    faults = {name: 0 for name in names}
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
+            before = _minor_faults()
             start, start_cpu = time.perf_counter(), time.process_time()
             fns[name]()
             if DEVICE.type == "cuda":  # the work queued on the GPU counts, not its launch
                 torch.cuda.synchronize(DEVICE)
             cpu[name].append(time.process_time() - start_cpu)
             wall[name].append(time.perf_counter() - start)
+            faults[name] += _minor_faults() - before
     out = {name: statistics.median(t) for name, t in wall.items()}
     out.update({f"{name}_cpu": statistics.median(t) for name, t in cpu.items()})
     out.update({f"{name}_all": t for name, t in wall.items()})
+    out.update({f"{name}_faults": n / repeats for name, n in faults.items()})
     return out
+
+
+def _minor_faults() -> int:
+    """This process's minor page faults so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class _Batches:

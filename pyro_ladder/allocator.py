@@ -47,8 +47,9 @@ def keep_freed_memory() -> bool:
     """Set glibc's ``malloc`` thresholds so that freed memory is reused by the next step
     rather than returned to the system and faulted in again (the module's text gives the
     figures); once per process. Returns whether the thresholds are ours: False where the
-    C library is not glibc, where ``PYRO_LADDER_MALLOC=default`` or the user's own
-    ``malloc`` settings are in the environment, or where ``mallopt`` refused them.
+    C library is not glibc, where ``PYRO_LADDER_MALLOC=default`` is set, where the user's
+    own ``malloc`` settings are in the environment and ``PYRO_LADDER_MALLOC`` is unset,
+    or where ``mallopt`` refused them.
 
     :raises ConfigError: for a ``PYRO_LADDER_MALLOC`` other than ``default`` or ``kept``."""
     if "kept" not in _state:

@@ -342,9 +342,10 @@ class _Capture:
         # must not record the dependence pass of a pair whose roles are found at every
         # call (its draws would be drawn again at each replay)
         with roles_held():
-            self._capture(call, model, guide, args, kwargs)
+            self._capture(call)
 
-    def _capture(self, call, model, guide, args, kwargs) -> None:
+    def _capture(self, call) -> None:
+        model, guide, args, kwargs = call
         self.names, self.modules = self._explore(call)
         # the plain settings of each module that ran and of the objects behind the pair
         # (a bound method's instance: vae.model's vae), by name: read again at every call
