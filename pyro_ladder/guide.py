@@ -11,7 +11,7 @@ from torch import nn
 from ._compile import network_call
 from ._memo import Memo
 from .layers import MLP, GaussianBlock, GaussianHead, broadcast_cat, gaussian
-from .merge import precision_weighted
+from .merge import top_down_posterior
 from .model import Generative
 
 if TYPE_CHECKING:  # annotations only: config imports this module's registry
@@ -66,19 +66,20 @@ class TopDownInference(nn.Module):
 
         The upward pass does not depend on the samples: within one estimator call, a guide
         run twice on the same ``x`` (e.g. by ``iwae-dreg``) computes it once (see
-        ``pyro_ladder._memo``); separate calls always compute it afresh.
+        ``pyro_ladder._memo``); separate calls always compute it afresh. Each site declares
+        its density with the head detached (:func:`~pyro_ladder.merge.top_down_posterior`),
+        which spares the doubly reparameterized estimators a second pass of the guide.
         """
         if c is None:
             heads = self._memo.call("upward", self, x, self.upward)
         else:
             heads = self._memo.call("upward", self, (x, c), lambda _: self.upward(x, c))
-        depth = len(heads)
+        depth, nets = len(heads), (self, generative)
         with pyro.plate("data", x.shape[0], dim=-1):
-            loc, scale = heads[-1]
-            z = pyro.sample(f"z{depth}", gaussian(loc, scale))  # (..., B, k_L)
-            for i in range(depth - 1, 0, -1):
-                loc, scale = precision_weighted(*generative.prior(i, z, c), *heads[i - 1])
-                z = pyro.sample(f"z{i}", gaussian(loc, scale))  # (..., B, k_i)
+            z = pyro.sample(f"z{depth}", top_down_posterior(None, heads[-1], *nets))
+            for i in range(depth - 1, 0, -1):  # z (..., B, k_i)
+                prior = generative.prior(i, z, c)
+                z = pyro.sample(f"z{i}", top_down_posterior(prior, heads[i - 1], *nets))
 
 
 class BottomUpInference(nn.Module):

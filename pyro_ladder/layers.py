@@ -38,7 +38,13 @@ class Normal(dist.Normal):
     every latent site of every pass, and autograd runs each operation again backward.
     Its ``expand`` to the shape it already has (which Pyro's plates ask of every site)
     shares its tensors; any other ``expand`` is Pyro's, as are sampling, KL divergences
-    and the name in a rendered model."""
+    and the name in a rendered model.
+
+    ``head_detached``: a top-down ladder site's declaration of its density with the head
+    detached (:class:`~pyro_ladder.merge.HeadDetached`), kept by ``expand``; ``None``
+    elsewhere."""
+
+    head_detached = None
 
     def __init__(self, loc, scale, validate_args=None):
         if isinstance(loc, torch.Tensor) and isinstance(scale, torch.Tensor):
@@ -57,6 +63,7 @@ class Normal(dist.Normal):
             # a subclass with settings of its own: torch's rule (it refuses, naming the fix)
             return super().expand(batch_shape)
         new = self.__new__(type(self)) if _instance is None else _instance
+        new.head_detached = self.head_detached  # log_prob broadcasts it to the new shape
         if torch.Size(batch_shape) != self.batch_shape:
             return super().expand(batch_shape, _instance=new)
         # Pyro's plates expand every site, to the shape it has as often as not

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .layers import gaussian
+
 
 def precision_weighted(
     loc_p: torch.Tensor, scale_p: torch.Tensor, loc_q: torch.Tensor, scale_q: torch.Tensor
@@ -37,3 +39,42 @@ def precision_weighted(
     loc = (loc_q * var_p + loc_p * var_q) / total
     scale = (var_p * var_q / total).sqrt()
     return loc, scale
+
+
+class HeadDetached:
+    """What a site of a top-down ladder guide declares about its density: the same
+    Gaussian with its bottom-up head detached, as a function of everything else (the
+    upstream sample through the prior networks, their parameters, a condition).
+
+    The doubly reparameterized estimators need ``log q(z | x)`` with the guide's own
+    parameters held but the samples live (Tucker et al. 2019). A generic guide gets it from
+    a second pass at detached samples; a top-down ladder site has it at hand, because its
+    own parameters (those of the inference network, ``detached``) enter its density only
+    through the head. :func:`~pyro_ladder._traces.held_log_density` uses the declaration
+    where it can prove it exact for the pair's roles: every latent site declares one, and
+    every parameter only the guide depends on is a parameter of a ``detached`` network and
+    of no ``kept`` one (the model's networks, whose prior the merge keeps live).
+    """
+
+    __slots__ = ("prior", "head", "event_dims", "detached", "kept")
+
+    def __init__(self, prior, head, event_dims: int, detached, kept):
+        self.prior, self.head, self.event_dims = prior, head, event_dims
+        self.detached, self.kept = detached, kept
+
+    def density(self):
+        """The site's distribution with the head detached (the prior kept live)."""
+        head = (self.head[0].detach(), self.head[1].detach())
+        loc, scale = head if self.prior is None else precision_weighted(*self.prior, *head)
+        return gaussian(loc, scale, self.event_dims)
+
+
+def top_down_posterior(prior, head, inference, generative, event_dims: int = 1):
+    """``q(z_i | z_{i+1}, x)`` of a top-down ladder site: the Gaussian ``head`` merged with
+    the ``prior`` ``(loc_p, scale_p)`` (:func:`precision_weighted`), or the head alone at
+    the top (``prior=None``), declaring :class:`HeadDetached` (``inference``: the network
+    the head comes from; ``generative``: the one the prior comes from)."""
+    loc, scale = head if prior is None else precision_weighted(*prior, *head)
+    fn = gaussian(loc, scale, event_dims)
+    fn.base_dist.head_detached = HeadDetached(prior, head, event_dims, inference, generative)
+    return fn

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..layers import gaussian
-from ..merge import precision_weighted
+from ..merge import top_down_posterior
 from .blocks import ConvGaussianHead, Down, Embed
 from .config import ConvLadderConfig
 from .model import ConvGenerative
@@ -58,13 +58,14 @@ class ConvTopDownInference(nn.Module):
         """Sample ``z{L}`` .. ``z1`` given flat ``x (B, H * W)``, inside ``plate("data")``."""
         heads = self.upward(x)
         depth = len(heads)
+        nets = (self, generative)
         with pyro.plate("data", x.shape[0], dim=-1):
-            z = pyro.sample(f"z{depth}", gaussian(*heads[-1], 3))  # (..., B, k_L, r_L)
+            z = pyro.sample(f"z{depth}", top_down_posterior(None, heads[-1], *nets, 3))
             h = None
-            for i in range(depth - 1, 0, -1):
+            for i in range(depth - 1, 0, -1):  # z (..., B, k_i, r_i)
                 loc_p, scale_p, h = generative.prior(i, z, h)
-                loc, scale = precision_weighted(loc_p, scale_p, *heads[i - 1])
-                z = pyro.sample(f"z{i}", gaussian(loc, scale, 3))  # (..., B, k_i, r_i)
+                posterior = top_down_posterior((loc_p, scale_p), heads[i - 1], *nets, 3)
+                z = pyro.sample(f"z{i}", posterior)
 
 
 class ConvBottomUpInference(nn.Module):

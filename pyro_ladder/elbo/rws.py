@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .weighted import WeightedELBO, _is_one, _iwae
+from .weighted import NO_SCORE, WeightedELBO, _is_one, _iwae
 
 
 class RWS(WeightedELBO):
@@ -93,7 +93,7 @@ class RWS_DReG(RWS):
         with ``w_bar - w_bar^2``."""
         w_bar = log_w.softmax(0)  # (K, B)
         path = w_bar - w_bar.square()
-        return w_bar, torch.zeros_like(w_bar), path if _is_one(beta) else beta * path
+        return w_bar, NO_SCORE, path if _is_one(beta) else beta * path
 
     def surrogate(self, draws, log_w):
         coefficients = self.coefficients(log_w, draws.kl_weight())

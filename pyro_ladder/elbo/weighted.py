@@ -85,6 +85,7 @@ from .._traces import (
     WeightLayout,
     check_guide_covers_model,
     check_reparameterized,
+    held_log_density,
     latent_sites,
     live_parameters,
     log_density,
@@ -195,6 +196,17 @@ class _Draws:
         in ``frozen``."""
         trace = self.fixed_trace("guide", frozen)
         return _full(self.log_density(trace, only=self.latents), self.shape)
+
+    def held_log_q(self, guide_only: dict):
+        """``log q(z | x)`` ``(S, B)`` at the live samples with the tensors of
+        ``guide_only`` held (their gradient: the path term through the samples alone), from
+        the guide's own declarations (:func:`~pyro_ladder._traces.held_log_density`: the
+        ladder's top-down guides), or ``None`` where the guide's pass at detached samples
+        is needed instead."""
+        held = held_log_density(
+            self.guide_trace, self.nesting, guide_only, self.latents, self.layout.joint
+        )
+        return None if held is None else _full(held, self.shape)
 
     def fixed_log_p(self) -> torch.Tensor:
         """``log p(x, z~)`` ``(S, B)`` at the detached samples, live parameters."""
@@ -316,7 +328,7 @@ class WeightedELBO(ScopedELBO, ELBO):
         return loss.item()
 
     @staticmethod
-    def _surrogate(draws: _Draws, c_p, c_q, c_path, frozen=None) -> torch.Tensor:
+    def _surrogate(draws: _Draws, c_p, c_q, c_path, frozen=None, guide_only=None):
         """A scalar whose gradient is ``sum c_p d log p|_z - sum c_q d log q|_z`` plus the
         path term with ``c_path``, evaluated as
 
@@ -326,11 +338,19 @@ class WeightedELBO(ScopedELBO, ELBO):
         terms; the fixed-sample terms correct the direct ones). A coefficient that *is*
         ``c_path`` (the same tensor) needs no correction and no extra pass.
 
-        ``frozen``: the model's parameters, when only the guide's own will be
-        differentiated. The model's correction is then left out (its gradient for them is
-        zero) and the guide's fixed-sample pass runs with ``frozen`` taking no gradient,
+        ``frozen``: the model's parameters, when only the guide's own (``guide_only``) will
+        be differentiated. The model's correction is then left out (its gradient for them
+        is zero) and the guide's fixed-sample pass runs with ``frozen`` taking no gradient,
         which lets the ladder's memo serve the prior networks' outputs from the live pass.
+        Where moreover ``c_q`` is :data:`NO_SCORE` and the guide declares its density with
+        its own parameters held (:meth:`_Draws.held_log_q`, the ladder's top-down guides),
+        no pass is needed: ``sum c_path (log p - log q_held)`` at the live samples has the
+        path term alone as its gradient for ``guide_only`` (the reference's one-pass DReG).
         """
+        if c_q is NO_SCORE and frozen is not None and guide_only is not None:
+            held = draws.held_log_q(guide_only)
+            if held is not None:
+                return (c_path * (draws.log_p - held)).sum()
         surrogate = (c_path * draws.log_w).sum()
         if c_q is not c_path:
             surrogate = surrogate - ((c_q - c_path) * draws.fixed_log_q(frozen or ())).sum()
@@ -386,7 +406,10 @@ class WeightedELBO(ScopedELBO, ELBO):
         for group, coeffs, retain in groups:
             tensors = [p for p in group.values() if p.requires_grad]
             extra = unplaced if retain else {}  # asked once, of the guide group's pass
-            surrogate = self._surrogate(draws, *coeffs, frozen=frozen if retain else None)
+            if retain:
+                surrogate = self._surrogate(draws, *coeffs, frozen, guide_only)
+            else:
+                surrogate = self._surrogate(draws, *coeffs)
             if not (tensors or extra) or not surrogate.requires_grad:
                 continue
             found = torch.autograd.grad(
@@ -431,7 +454,8 @@ class WeightedELBO(ScopedELBO, ELBO):
 
 def dreg_coefficients(log_w: torch.Tensor, outer: int, beta=1.0):
     r"""``(c_p, c_q, c_path)`` of the DReG estimator of the mean of ``outer`` IWAE bounds
-    over consecutive blocks of ``log_w`` ``(M K, B)``; each ``(M K, B)``, detached.
+    over consecutive blocks of ``log_w`` ``(M K, B)``: ``c_p`` and ``c_path`` ``(M K, B)``,
+    detached; ``c_q`` is :data:`NO_SCORE`.
 
     ``beta`` is the KL weight every latent guide site carries inside ``log w`` (a warm-up:
     ``log w = log p(x | z) + beta (log p(z) - log q(z | x))``). The guide's direct term is
@@ -443,7 +467,12 @@ def dreg_coefficients(log_w: torch.Tensor, outer: int, beta=1.0):
     w_bar = grouped.softmax(1).reshape(log_w.shape)  # (M K, B), normalized per bound
     c = w_bar / outer
     path = c * w_bar if _is_one(beta) else c * ((1 - beta) + beta * w_bar)
-    return c, torch.zeros_like(c), path
+    return c, NO_SCORE, path
+
+
+NO_SCORE = 0.0
+"""``c_q`` of the estimators that drop the guide's direct term (DReG): zero, a number
+rather than a tensor of zeros, so that :meth:`WeightedELBO._surrogate` can see it."""
 
 
 def _is_one(beta) -> bool:
