@@ -113,3 +113,70 @@ def test_a_seen_registration_sends_no_message(monkeypatch):
             register_module("net", net)
             register_module("net", net[2], "2.")  # another module: another registration
     assert len(sent) == len(list(net.parameters())) + 2  # the second call sent nothing
+
+
+def _param_messages(monkeypatch):
+    """Count every ``param`` message sent, by ``pyro.param`` or by ``register_module``."""
+    from pyro.poutine import runtime
+
+    from pyro_ladder import _params as params
+
+    count = {"n": 0}
+    real = runtime.apply_stack
+
+    def counted(msg):
+        count["n"] += msg["type"] == "param"
+        return real(msg)
+
+    monkeypatch.setattr(runtime, "apply_stack", counted)
+    monkeypatch.setattr(params, "apply_stack", counted)
+    return count
+
+
+@pytest.mark.parametrize("estimator", ["elbo", "iwae", "iwae-dreg", "rws"])
+def test_one_estimator_call_sends_each_registration_once(monkeypatch, estimator):
+    """The ladder's guide registers the prior networks it shares with the model; within one
+    estimator call the model's registration of the same tensors is not sent again. SVI's
+    parameter capture still sees every parameter, and steps it."""
+    from pyro.infer import SVI
+
+    from pyro_ladder import LadderVAE, make_elbo
+    from pyro_ladder.optim import Adam
+
+    torch.manual_seed(0)
+    vae = LadderVAE(12, (3, 2, 2), (8, 6, 4), batch_norm=False)
+    x = torch.rand(5, 12).round()
+    names = {n for n, p in vae.named_parameters()}
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 0.01}), make_elbo(estimator, 3))
+    svi.step(x)  # first registrations go into the store
+    before = {n: p.detach().clone() for n, p in vae.named_parameters()}
+    count = _param_messages(monkeypatch)
+    with poutine.trace(param_only=True) as seen:
+        svi.step(x)
+    assert count["n"] == len(names)  # 166 - 48 on the paper's network
+    assert {id(s["value"]) for s in seen.trace.nodes.values()} == {id(p) for p in vae.parameters()}
+    assert all(not torch.equal(p, before[n]) for n, p in vae.named_parameters())
+    # a standalone pass of the model registers all its networks, the priors included
+    trace = poutine.trace(vae.model).get_trace(x)
+    alone = {id(s["value"]) for s in trace.nodes.values() if s["type"] == "param"}
+    assert alone == {id(p) for p in vae.generative.parameters()}
+
+
+def test_a_handler_of_a_user_around_the_model_sees_every_registration(monkeypatch):
+    """A handler the user puts around one side (here ``poutine.scale``) may act on what it
+    sees: that side's registrations are then sent in full, as Pyro sends them."""
+    from pyro_ladder import LadderVAE, make_elbo
+
+    torch.manual_seed(0)
+    vae = LadderVAE(12, (3, 2), (8, 6), batch_norm=False)
+    x = torch.rand(5, 12).round()
+    elbo = make_elbo("elbo")
+    model = poutine.scale(vae.model, scale=1.0)
+    elbo.loss(model, vae.guide, x)
+    plain = _param_messages(monkeypatch)
+    elbo.loss(vae.model, vae.guide, x)
+    once = plain["n"]
+    plain["n"] = 0
+    elbo.loss(model, vae.guide, x)
+    generative = sum(1 for _ in vae.generative.priors.parameters())
+    assert plain["n"] == once + generative
