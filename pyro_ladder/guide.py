@@ -74,7 +74,10 @@ class TopDownInference(nn.Module):
             heads = self._memo.call("upward", self, x, self.upward)
         else:
             heads = self._memo.call("upward", self, (x, c), lambda _: self.upward(x, c))
-        depth, nets = len(heads), (self, generative)
+        # the declaration assumes the guide's own parameters reach a site only through its
+        # head: a condition that requires grad may carry them into the prior as well
+        declare = c is None or not c.requires_grad
+        depth, nets = len(heads), ((self if declare else None), generative)
         with pyro.plate("data", x.shape[0], dim=-1):
             z = pyro.sample(f"z{depth}", top_down_posterior(None, heads[-1], *nets))
             for i in range(depth - 1, 0, -1):  # z (..., B, k_i)

@@ -73,8 +73,12 @@ def top_down_posterior(prior, head, inference, generative, event_dims: int = 1):
     """``q(z_i | z_{i+1}, x)`` of a top-down ladder site: the Gaussian ``head`` merged with
     the ``prior`` ``(loc_p, scale_p)`` (:func:`precision_weighted`), or the head alone at
     the top (``prior=None``), declaring :class:`HeadDetached` (``inference``: the network
-    the head comes from; ``generative``: the one the prior comes from)."""
+    the head comes from; ``generative``: the one the prior comes from). ``inference=None``
+    declares nothing: for a guide whose prior takes an input that may carry the guide's
+    own parameters (a condition that requires grad)."""
     loc, scale = head if prior is None else precision_weighted(*prior, *head)
     fn = gaussian(loc, scale, event_dims)
-    fn.base_dist.head_detached = HeadDetached(prior, head, event_dims, inference, generative)
+    if inference is not None:
+        declared = HeadDetached(prior, head, event_dims, inference, generative)
+        fn.base_dist.head_detached = declared
     return fn

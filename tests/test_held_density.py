@@ -167,8 +167,9 @@ def test_prior_networks_only_the_guide_uses_are_not_held(monkeypatch):
 def test_a_tensor_only_the_guide_uses_beside_the_heads_is_not_held(monkeypatch):
     """A guide-only tensor that reaches the density beside the heads (the guide rescales
     the condition it gives the prior networks, the model does not): detaching the heads
-    would keep its direct term. It is no parameter of the inference network, so the check
-    takes the pass."""
+    would keep its direct term. Two defences each take the pass: the guide declares nothing
+    for a condition that requires grad, and were it to declare, the roles check finds a
+    guide-only tensor that is no parameter of the inference network."""
     torch.manual_seed(8)
     vae = LadderVAE(6, (3, 2), (8, 4), batch_norm=False, condition_dim=2).double()
     x = torch.rand(5, 6, dtype=torch.float64).round()
@@ -179,8 +180,10 @@ def test_a_tensor_only_the_guide_uses_beside_the_heads_is_not_held(monkeypatch):
         pyro.module("ladder", vae)
         vae.inference.guide(x, vae.generative, c * gain)
 
-    def grads(on, force=False):
-        if force:
+    def grads(on, declare=False, check=True):
+        if declare:
+            _declared_anyway(monkeypatch, vae)
+        if not check:
             _forced(monkeypatch)
         spy = _Spy(monkeypatch, on)
         gain.grad = None
@@ -189,11 +192,49 @@ def test_a_tensor_only_the_guide_uses_beside_the_heads_is_not_held(monkeypatch):
         monkeypatch.undo()
         return gain.grad.clone(), spy.used
 
-    ours, used = grads(True)
     truth, _ = grads(False)
-    assert used == 0 and torch.allclose(ours, truth, rtol=1e-9)
-    wrong, used = grads(True, force=True)
+    for declare in (False, True):
+        ours, used = grads(True, declare=declare)
+        assert used == 0 and torch.allclose(ours, truth, rtol=1e-9)
+    wrong, used = grads(True, declare=True, check=False)
     assert used == 1 and (wrong - truth).abs() > 1e-3
+
+
+def _declared_anyway(monkeypatch, vae):
+    """The ladder's guide declares its sites whatever its condition."""
+    real = top_down_posterior
+
+    def declared(prior, head, inference, generative, event_dims=1):
+        return real(prior, head, vae.inference, generative, event_dims)
+
+    monkeypatch.setattr("pyro_ladder.guide.top_down_posterior", declared)
+
+
+def test_an_inference_parameter_that_reaches_the_prior_through_the_condition(monkeypatch):
+    """A parameter of the inference network itself that scales the condition the guide
+    hands its prior networks (an encoder's own embedding of ``c``): it is a parameter of
+    the network whose heads are detached, yet it reaches the density beside them. A
+    condition that requires grad makes the guide declare nothing, so the pass is taken."""
+    torch.manual_seed(8)
+    vae = LadderVAE(6, (3, 2), (8, 4), batch_norm=False, condition_dim=2).double()
+    vae.inference.c_gain = torch.nn.Parameter(torch.tensor(1.3, dtype=torch.float64))
+    x = torch.rand(5, 6, dtype=torch.float64).round()
+    c = torch.randn(5, 2, dtype=torch.float64)
+
+    def guide(x, c):
+        pyro.module("ladder", vae)
+        vae.inference.guide(x, vae.generative, c * vae.inference.c_gain)
+
+    case = (vae, vae.model, guide, (x, c), "iwae-dreg", {})
+    _, ours, used = _step(monkeypatch, True, *case)
+    _, truth, _ = _step(monkeypatch, False, *case)
+    assert used == 0
+    _same(ours, truth)
+    # declared anyway (what the guide did before it looked at the condition): wrong
+    _declared_anyway(monkeypatch, vae)
+    _, wrong, used = _step(monkeypatch, True, *case)
+    assert used == 1
+    assert (wrong["inference.c_gain"] - truth["inference.c_gain"]).abs() > 1e-3
 
 
 def test_a_site_without_a_declaration_takes_the_pass(monkeypatch):
