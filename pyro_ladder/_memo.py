@@ -59,21 +59,20 @@ class ReuseOutputs(Messenger):
         self.owner, self.enabled = owner, True
         self._entries = {}
         self.saw_training = False  # did a module in training mode run through the scope?
-        self.registered = {}  # name -> parameter sent in this scope (pyro_ladder._params)
 
     def __enter__(self):
         policy = _innermost(_ReusePolicy)
         self.enabled = policy.enabled if policy is not None else True
-        self._entries, self.saw_training, self.registered = {}, False, {}
+        self._entries, self.saw_training = {}, False
         return super().__enter__()
 
     def __exit__(self, *exc):
-        self._entries, self.registered = {}, {}  # drop every stored input and output
+        self._entries = {}  # drop every stored input and output with the scope
         return super().__exit__(*exc)
 
     def clear(self) -> None:
         """Forget every stored output: what follows runs as in a new scope."""
-        self._entries, self.registered = {}, {}
+        self._entries = {}
 
     # The scope handles no Pyro message; every site of the step passes through it, so skip
     # the base class's lookup of a ``_pyro_<type>`` method on each (fixed cost per step).

@@ -10,18 +10,19 @@ unconstrained, the answer is the tensor itself. :func:`register_module` sends th
 that lookup. Anything else (a first registration, another tensor stored under the name, a
 constrained parameter, no handler running) goes through ``pyro.param`` itself.
 
-Within one estimator call (its :class:`~pyro_ladder._memo.ReuseOutputs` scope), a
-parameter that an earlier pass of the call sent under the same name is not sent again,
-as long as only recording handlers stand between the scope and the registration (Pyro's
-traces and replay, plates, a KL warm-up: :func:`_call_scope`). The ladder's guide
-registers the prior networks it shares with the model, and the model, replaying the
-guide's samples, would register them again: 48 of the 166 messages on the paper's
+Within one estimator call (its :class:`~pyro_ladder._memo.ReuseOutputs` scope), a pass
+that replays another's trace (the model of one particle, replaying its guide) does not
+send again a registration that trace holds, as long as only recording handlers stand
+between the scope and it (Pyro's traces and replay, plates, a KL warm-up:
+:func:`_replayed_trace`). The ladder's guide registers the prior networks it shares with
+the model, and the model would register them again: 48 of the 166 messages on the paper's
 network, about 0.4 ms a step. Every handler outside the call (``SVI``'s parameter capture
-included) sees each parameter once, and it steps them all; the model's own trace of that
-call lacks the repeated sites, which no Pyro estimator reads. A handler a user puts
-around one side of the pair (``poutine.scale``, ``scope``, ``block`` ...) may act on what
-it sees, so that side's registrations are then sent in full; a pass of the model on its
-own (``poutine.trace(vae.model)``) registers every network.
+included) sees each parameter once, and steps it, and each particle's pair of traces still
+holds every registration (Pyro's ``Trace_ELBO`` differentiates a particle only if one of
+its two traces holds a parameter); only the model's own trace lacks the repeated sites. A
+handler a user puts around one side of the pair (``poutine.scale``, ``scope``, ``block``
+...) may act on what it sees, so that side's registrations are then sent in full; a pass
+of the model on its own (``poutine.trace(vae.model)``) registers every network.
 
 Evaluation's passes run the pair inside :class:`RegisterOnce`: while it is the innermost
 handler, each module's registration is sent once per scope (one batch of
@@ -60,7 +61,7 @@ def register_module(name: str, module: nn.Module, prefix: str = "") -> None:
         return
     store = pyro.get_param_store()
     wrapped = am_i_wrapped()
-    call = _call_scope() if wrapped else None
+    replayed = _replayed_trace() if wrapped else None
     for param_name, param in module.named_parameters(prefix.rstrip(".")):
         if not param.requires_grad:
             if module.training:
@@ -73,10 +74,10 @@ def register_module(name: str, module: nn.Module, prefix: str = "") -> None:
             continue
         full = param_with_module_name(name, param_name)
         if wrapped and _stored_as_is(store, full, param):
-            if call is not None:
-                if call.registered.get(full) is param:
-                    continue  # sent earlier in this call, through the same handlers
-                call.registered[full] = param
+            if replayed is not None:
+                site = replayed.nodes.get(full)
+                if site is not None and site["type"] == "param" and site["value"] is param:
+                    continue  # the guide's pass that this one replays registered it
             apply_stack(_param_message(full, param))
         else:
             pyro.param(full, param)
@@ -120,21 +121,29 @@ class SentAlready(RegisterOnce):
 
 
 # handlers that record or replay a pass and do nothing to a ``param`` message: between an
-# estimator call's scope and a registration, only these may stand for it to be sent once
+# estimator call's scope and a registration, only these may stand for it to be left out
 _RECORDING = (TraceMessenger, ReplayMessenger, PlateMessenger, pyro.plate, LatentWeight)
 
 
-def _call_scope():
-    """The :class:`~pyro_ladder._memo.ReuseOutputs` scope of the estimator call running
-    (one loss: its guide and model passes), where every handler above it only records or
-    replays (Pyro's traces and replay, plates, a KL warm-up's weight): then a registration
-    sent in an earlier pass of the call reached every handler that this one would reach,
-    and is not sent again. ``None`` otherwise (each pass sends its own)."""
+def _replayed_trace():
+    """The trace that the pass running replays, inside an estimator call (the model of one
+    particle, replaying its guide's trace), where every handler between the call's
+    :class:`~pyro_ladder._memo.ReuseOutputs` scope and here only records or replays
+    (Pyro's traces and replay without parameters, plates, a KL warm-up). A registration
+    that trace holds (the same tensor under the same name) went through every handler
+    below the scope already, ``SVI``'s parameter capture included, and the particle's
+    pair of traces holds it: it is not sent again. ``None`` otherwise."""
+    replayed = None
     for messenger in reversed(_PYRO_STACK):
-        if type(messenger) is ReuseOutputs:
-            return messenger
-        if type(messenger) not in _RECORDING:
+        kind = type(messenger)
+        if kind is ReuseOutputs:
+            return replayed
+        if kind not in _RECORDING:
             return None
+        if kind is ReplayMessenger:
+            if messenger.params is not None or replayed is not None:
+                return None
+            replayed = messenger.trace
     return None
 
 

@@ -225,31 +225,17 @@ def log_density(trace, nesting: int, scaled: bool, only=None, joint: bool = Fals
     return total
 
 
-def held_log_density(trace, nesting: int, guide_only: dict, only=None, joint: bool = False):
-    """:func:`log_density` (scaled) of a guide trace at its live samples with the tensors
-    of ``guide_only`` held, i.e. their gradient is the path term through the samples alone
-    (what a second pass of the guide at detached samples gives the doubly reparameterized
-    estimators, without the pass); ``None`` where it cannot be had exactly this way.
-
-    It is read from the declarations of the ladder's top-down guides
+def held_log_density(trace, nesting: int, only=None, joint: bool = False):
+    """:func:`log_density` (scaled) of a guide trace at its live samples with the guide's
+    own parameters held (their gradient: the path term through the samples alone), read
+    from the declarations of the ladder's top-down guides
     (:class:`~pyro_ladder.merge.HeadDetached`: each site's density with its bottom-up head
-    detached). It is exact when every site declares one and every tensor of ``guide_only``
-    is a parameter of a network whose head is detached and of none whose outputs stay live
-    (the prior networks): such a tensor then reaches the density only through the heads
-    (detached) and the samples. Anything else (a site of a user's guide, a guide-only
-    tensor elsewhere, a handler that replaced a site's distribution) answers ``None``.
-    """
-    declared = []
-    for name, site in sample_sites(trace):
-        if only is None or name in only:
-            base = site["fn"]
-            while isinstance(base, torch.distributions.Independent):
-                base = base.base_dist
-            declaration = getattr(base, "head_detached", None)
-            if declaration is None:
-                return None
-            declared.append((site, declaration))
-    if not declared or not _held_by_declarations(guide_only, [d for _, d in declared]):
+    detached); ``None`` where a site declares none (a user's guide, a handler that
+    replaced a site's distribution). Exact for the parameters that reach the declared
+    densities only through the samples, which :func:`parameter_roles` checks
+    (:attr:`HeldRoles.heads_detach_guide`): the caller must ask it first."""
+    declared = _declarations(trace, only)
+    if declared is None:
         return None
     total = 0.0
     for site, declaration in declared:
@@ -259,27 +245,24 @@ def held_log_density(trace, nesting: int, guide_only: dict, only=None, joint: bo
     return total
 
 
-_HELD_CHECK = threading.local()  # the last answer of _held_by_declarations, per thread
+def _declarations(trace, only=None):
+    """``[(site, HeadDetached)]`` of a trace's sample sites (those in ``only``), or
+    ``None`` where one has no declaration."""
+    sites = [(n, s) for n, s in sample_sites(trace) if only is None or n in only]
+    return _declarations_of(sites)
 
 
-def _held_by_declarations(guide_only: dict, declarations) -> bool:
-    """Is every tensor of ``guide_only`` a parameter of a declaration's ``detached``
-    network and of no ``kept`` one? The answer is kept for the same ``guide_only``
-    dictionary (the roles' cache hands out the same one while the pair's parameters stay;
-    it is held, as that cache holds it) and the same networks: walking the networks'
-    parameters costs 0.1 ms a step."""
-    nets = {(id(d.detached), id(d.kept)): (d.detached, d.kept) for d in declarations}
-    last = getattr(_HELD_CHECK, "last", None)
-    if last is not None and last[0] is guide_only and last[1].keys() == nets.keys():
-        refs = last[1]
-        if all(refs[k][0]() is a and refs[k][1]() is b for k, (a, b) in nets.items()):
-            return last[2]
-    detached = {id(p) for net, _ in nets.values() for p in net.parameters()}
-    kept = {id(p) for _, net in nets.values() for p in net.parameters()}
-    answer = all(id(t) in detached and id(t) not in kept for t in guide_only.values())
-    refs = {k: (weakref.ref(a), weakref.ref(b)) for k, (a, b) in nets.items()}
-    _HELD_CHECK.last = (guide_only, refs, answer)
-    return answer
+def _declarations_of(sites):
+    declared = []
+    for _, site in sites:
+        base = site["fn"]
+        while isinstance(base, torch.distributions.Independent):
+            base = base.base_dist
+        declaration = getattr(base, "head_detached", None)
+        if declaration is None:
+            return None
+        declared.append((site, declaration))
+    return declared or None
 
 
 def site_kl(q_site, p_site) -> tuple[torch.Tensor, bool]:
@@ -326,6 +309,23 @@ class Roles(NamedTuple):
     guide_only: dict
     model: dict
     shared: dict
+
+
+class HeldRoles(Roles):
+    """:class:`Roles` as :func:`parameter_roles` answers them, with what the same pass
+    found about the guide's declarations (:func:`held_log_density`).
+
+    ``heads_detach_guide``: every latent site of the guide declares its density with its
+    head detached, no head depends on a sample, and at detached samples those declared
+    densities depend on no tensor of ``guide_only`` (autograd's answers, in the dependence
+    pass: :func:`_heads_read_no_sample`, :func:`_held_exactly`). The guide's own parameters
+    then reach them only through the samples, so :func:`held_log_density` is ``log q`` with
+    them held, exactly. False where a site declares nothing, or where a guide-only tensor
+    reaches the density beside the heads (an inference network's parameter carried into
+    the prior by a condition, prior networks the model does not use), or where a head reads
+    a sample."""
+
+    heads_detach_guide = False
 
 
 _ROLES_CACHE: collections.OrderedDict = collections.OrderedDict()
@@ -463,12 +463,41 @@ def _roles_by_dependence(model, guide, args, kwargs, params: dict) -> tuple[Role
         for name, tensor in unregistered.items():
             names.append(name)
             tensors.append(tensor)
+        declared = _heads_read_no_sample(latents)  # asked first: it keeps the graph
         in_guide, in_model = (_depends(terms, tensors) for terms in (q_terms, p_terms))
-    rows = list(zip(names, tensors, in_model, in_guide, strict=True))
-    model_params = {n: t for n, t, m, _ in rows if m}
-    shared = {n: t for n, t, m, g in rows if m and g}
-    guide_only = {n: t for n, t, m, g in rows if g and not m}
-    return Roles(guide_only, model_params, shared), not unregistered
+        rows = list(zip(names, tensors, in_model, in_guide, strict=True))
+        model_params = {n: t for n, t, m, _ in rows if m}
+        shared = {n: t for n, t, m, g in rows if m and g}
+        guide_only = {n: t for n, t, m, g in rows if g and not m}
+        roles = HeldRoles(guide_only, model_params, shared)
+        if declared:
+            roles.heads_detach_guide = _held_exactly(guide, args, kwargs, values, roles)
+    return roles, not unregistered
+
+
+def _heads_read_no_sample(latents) -> bool:
+    """Inside the dependence pass: does every latent site declare its density with its
+    head detached, and no head depend on a sample (detaching it would cut that sample's
+    path into the density)? First half of :attr:`HeldRoles.heads_detach_guide`."""
+    live = _declarations_of(latents)
+    if live is None:
+        return False
+    heads = [t.sum() for _, d in live for t in d.head if t.requires_grad]
+    samples = [s["value"] for _, s in latents if s["value"].requires_grad]
+    return not (heads and samples and any(_depends(heads, samples, retain=True)))
+
+
+def _held_exactly(guide, args, kwargs, values, roles) -> bool:
+    """Inside the dependence pass: the guide run again at the detached samples ``values``
+    gives declared densities that depend on no guide-only tensor (the heads detached, the
+    prior live: whatever reaches them is a direct term that detaching the heads would
+    keep). Second half of :attr:`HeldRoles.heads_detach_guide`."""
+    fixed = poutine.trace(poutine.condition(guide, data=values)).get_trace(*args, **kwargs)
+    declared = _declarations(fixed, values)
+    if declared is None:
+        return False
+    terms = [d.density().log_prob(s["value"]).sum() for s, d in declared]
+    return not any(_depends(terms, list(roles.guide_only.values())))
 
 
 def _unregistered(terms, known, fns) -> dict:
@@ -501,12 +530,14 @@ def _unregistered(terms, known, fns) -> dict:
     return out
 
 
-def _depends(terms, tensors) -> list[bool]:
-    """Per tensor: does the sum of ``terms`` depend on it (autograd's ``None``: no)."""
+def _depends(terms, tensors, retain: bool = False) -> list[bool]:
+    """Per tensor: does the sum of ``terms`` depend on it (autograd's ``None``: no)?
+    ``retain``: keep the graph for another question."""
     live = [t for t in terms if t.requires_grad]
     if not tensors or not live:
         return [False] * len(tensors)
-    grads = torch.autograd.grad(sum(live[1:], live[0]), tensors, allow_unused=True)
+    total = sum(live[1:], live[0])
+    grads = torch.autograd.grad(total, tensors, allow_unused=True, retain_graph=retain)
     return [g is not None for g in grads]
 
 

@@ -76,13 +76,15 @@ class TopDownInference(nn.Module):
             heads = self._memo.call("upward", self, (x, c), lambda _: self.upward(x, c))
         # the declaration assumes the guide's own parameters reach a site only through its
         # head: a condition that requires grad may carry them into the prior as well
+        # (the parameter roles check it too)
         declare = c is None or not c.requires_grad
-        depth, nets = len(heads), ((self if declare else None), generative)
+        depth = len(heads)
         with pyro.plate("data", x.shape[0], dim=-1):
-            z = pyro.sample(f"z{depth}", top_down_posterior(None, heads[-1], *nets))
+            z = pyro.sample(f"z{depth}", top_down_posterior(None, heads[-1], declare=declare))
             for i in range(depth - 1, 0, -1):  # z (..., B, k_i)
                 prior = generative.prior(i, z, c)
-                z = pyro.sample(f"z{i}", top_down_posterior(prior, heads[i - 1], *nets))
+                posterior = top_down_posterior(prior, heads[i - 1], declare=declare)
+                z = pyro.sample(f"z{i}", posterior)
 
 
 class BottomUpInference(nn.Module):

@@ -48,19 +48,18 @@ class HeadDetached:
 
     The doubly reparameterized estimators need ``log q(z | x)`` with the guide's own
     parameters held but the samples live (Tucker et al. 2019). A generic guide gets it from
-    a second pass at detached samples; a top-down ladder site has it at hand, because its
-    own parameters (those of the inference network, ``detached``) enter its density only
-    through the head. :func:`~pyro_ladder._traces.held_log_density` uses the declaration
-    where it can prove it exact for the pair's roles: every latent site declares one, and
-    every parameter only the guide depends on is a parameter of a ``detached`` network and
-    of no ``kept`` one (the model's networks, whose prior the merge keeps live).
+    a second pass at detached samples; a top-down ladder site has it at hand where the
+    guide's own parameters (the inference network's) enter its density only through the
+    head. :func:`~pyro_ladder._traces.held_log_density` reads the declarations, where the
+    pair's roles vouch for that (:class:`~pyro_ladder._traces.HeldRoles`: every latent
+    site declares one, and at detached samples no tensor only the guide depends on reaches
+    the declared densities).
     """
 
-    __slots__ = ("prior", "head", "event_dims", "detached", "kept")
+    __slots__ = ("prior", "head", "event_dims")
 
-    def __init__(self, prior, head, event_dims: int, detached, kept):
+    def __init__(self, prior, head, event_dims: int):
         self.prior, self.head, self.event_dims = prior, head, event_dims
-        self.detached, self.kept = detached, kept
 
     def density(self):
         """The site's distribution with the head detached (the prior kept live)."""
@@ -69,16 +68,14 @@ class HeadDetached:
         return gaussian(loc, scale, self.event_dims)
 
 
-def top_down_posterior(prior, head, inference, generative, event_dims: int = 1):
+def top_down_posterior(prior, head, event_dims: int = 1, declare: bool = True):
     """``q(z_i | z_{i+1}, x)`` of a top-down ladder site: the Gaussian ``head`` merged with
     the ``prior`` ``(loc_p, scale_p)`` (:func:`precision_weighted`), or the head alone at
-    the top (``prior=None``), declaring :class:`HeadDetached` (``inference``: the network
-    the head comes from; ``generative``: the one the prior comes from). ``inference=None``
-    declares nothing: for a guide whose prior takes an input that may carry the guide's
-    own parameters (a condition that requires grad)."""
+    the top (``prior=None``), declaring :class:`HeadDetached` unless ``declare`` is False
+    (a guide whose prior takes an input that may carry the guide's own parameters, such as
+    a condition that requires grad)."""
     loc, scale = head if prior is None else precision_weighted(*prior, *head)
     fn = gaussian(loc, scale, event_dims)
-    if inference is not None:
-        declared = HeadDetached(prior, head, event_dims, inference, generative)
-        fn.base_dist.head_detached = declared
+    if declare:
+        fn.base_dist.head_detached = HeadDetached(prior, head, event_dims)
     return fn

@@ -58,13 +58,12 @@ class ConvTopDownInference(nn.Module):
         """Sample ``z{L}`` .. ``z1`` given flat ``x (B, H * W)``, inside ``plate("data")``."""
         heads = self.upward(x)
         depth = len(heads)
-        nets = (self, generative)
         with pyro.plate("data", x.shape[0], dim=-1):
-            z = pyro.sample(f"z{depth}", top_down_posterior(None, heads[-1], *nets, 3))
+            z = pyro.sample(f"z{depth}", top_down_posterior(None, heads[-1], 3))
             h = None
             for i in range(depth - 1, 0, -1):  # z (..., B, k_i, r_i)
                 loc_p, scale_p, h = generative.prior(i, z, h)
-                posterior = top_down_posterior((loc_p, scale_p), heads[i - 1], *nets, 3)
+                posterior = top_down_posterior((loc_p, scale_p), heads[i - 1], 3)
                 z = pyro.sample(f"z{i}", posterior)
 
 

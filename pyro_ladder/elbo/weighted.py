@@ -197,15 +197,15 @@ class _Draws:
         trace = self.fixed_trace("guide", frozen)
         return _full(self.log_density(trace, only=self.latents), self.shape)
 
-    def held_log_q(self, guide_only: dict):
-        """``log q(z | x)`` ``(S, B)`` at the live samples with the tensors of
-        ``guide_only`` held (their gradient: the path term through the samples alone), from
-        the guide's own declarations (:func:`~pyro_ladder._traces.held_log_density`: the
-        ladder's top-down guides), or ``None`` where the guide's pass at detached samples
-        is needed instead."""
-        held = held_log_density(
-            self.guide_trace, self.nesting, guide_only, self.latents, self.layout.joint
-        )
+    def held_log_q(self, roles):
+        """``log q(z | x)`` ``(S, B)`` at the live samples with the guide's own parameters
+        (``roles.guide_only``) held, their gradient the path term through the samples alone,
+        from the guide's declarations (:func:`~pyro_ladder._traces.held_log_density`: the
+        ladder's top-down guides), or ``None`` where ``roles`` do not vouch for them (then
+        the guide's pass at detached samples is needed)."""
+        if not getattr(roles, "heads_detach_guide", False):
+            return None
+        held = held_log_density(self.guide_trace, self.nesting, self.latents, self.layout.joint)
         return None if held is None else _full(held, self.shape)
 
     def fixed_log_p(self) -> torch.Tensor:
@@ -328,7 +328,7 @@ class WeightedELBO(ScopedELBO, ELBO):
         return loss.item()
 
     @staticmethod
-    def _surrogate(draws: _Draws, c_p, c_q, c_path, frozen=None, guide_only=None):
+    def _surrogate(draws: _Draws, c_p, c_q, c_path, frozen=None, roles=None):
         """A scalar whose gradient is ``sum c_p d log p|_z - sum c_q d log q|_z`` plus the
         path term with ``c_path``, evaluated as
 
@@ -338,17 +338,17 @@ class WeightedELBO(ScopedELBO, ELBO):
         terms; the fixed-sample terms correct the direct ones). A coefficient that *is*
         ``c_path`` (the same tensor) needs no correction and no extra pass.
 
-        ``frozen``: the model's parameters, when only the guide's own (``guide_only``) will
-        be differentiated. The model's correction is then left out (its gradient for them
+        ``frozen``: the model's parameters, when only the guide's own (``roles.guide_only``)
+        will be differentiated. The model's correction is then left out (its gradient for them
         is zero) and the guide's fixed-sample pass runs with ``frozen`` taking no gradient,
         which lets the ladder's memo serve the prior networks' outputs from the live pass.
         Where moreover ``c_q`` is :data:`NO_SCORE` and the guide declares its density with
         its own parameters held (:meth:`_Draws.held_log_q`, the ladder's top-down guides),
         no pass is needed: ``sum c_path (log p - log q_held)`` at the live samples has the
-        path term alone as its gradient for ``guide_only`` (the reference's one-pass DReG).
+        path term alone as its gradient for the guide's own (the reference's one-pass DReG).
         """
-        if c_q is NO_SCORE and frozen is not None and guide_only is not None:
-            held = draws.held_log_q(guide_only)
+        if c_q is NO_SCORE and frozen is not None and roles is not None:
+            held = draws.held_log_q(roles)
             if held is not None:
                 return (c_path * (draws.log_p - held)).sum()
         surrogate = (c_path * draws.log_w).sum()
@@ -407,7 +407,7 @@ class WeightedELBO(ScopedELBO, ELBO):
             tensors = [p for p in group.values() if p.requires_grad]
             extra = unplaced if retain else {}  # asked once, of the guide group's pass
             if retain:
-                surrogate = self._surrogate(draws, *coeffs, frozen, guide_only)
+                surrogate = self._surrogate(draws, *coeffs, frozen, roles)
             else:
                 surrogate = self._surrogate(draws, *coeffs)
             if not (tensors or extra) or not surrogate.requires_grad:
