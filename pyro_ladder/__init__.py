@@ -11,6 +11,7 @@ layer's KL (Kingma et al. 2016) for any pair.
 """
 
 from ._memo import reuse_outputs
+from ._traces import clear_roles_cache
 from .allocator import keep_freed_memory
 from .config import PRESETS, LadderConfig, preset
 from .conv import ConvLadderConfig, ConvLadderVAE
@@ -70,5 +71,6 @@ __all__ = [
     "precision_weighted",
     "preset",
     "reuse_outputs",
+    "clear_roles_cache",
     "with_kl_weight",
 ]

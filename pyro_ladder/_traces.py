@@ -233,9 +233,15 @@ def held_log_density(trace, nesting: int, only=None, joint: bool = False):
     detached); ``None`` where a site declares none (a user's guide, a handler that
     replaced a site's distribution). Exact for the parameters that reach the declared
     densities only through the samples, which :func:`parameter_roles` checks
-    (:attr:`HeldRoles.heads_detach_guide`): the caller must ask it first."""
+    (:attr:`HeldRoles.heads_detach_guide`): the caller must ask it first.
+
+    The roles are cached; whether a head reads a sample is also checked here, on the live
+    trace, at no cost: autograd numbers its nodes in the order they are made, so heads all
+    made before the first sample (the ladder computes them in its upward pass) cannot
+    depend on one. A guide that starts feeding a sample into a head after its roles were
+    cached (a flag, a patched method) answers ``None``."""
     declared = _declarations(trace, only)
-    if declared is None:
+    if declared is None or not _heads_before_samples(declared):
         return None
     total = 0.0
     for site, declaration in declared:
@@ -243,6 +249,17 @@ def held_log_density(trace, nesting: int, only=None, joint: bool = False):
         term = per_datapoint(site, log_q, nesting, joint)
         total = term if isinstance(total, float) else total + term
     return total
+
+
+def _heads_before_samples(declared) -> bool:
+    """Were all heads of ``[(site, HeadDetached)]`` made before every sample that carries a
+    graph (autograd's sequence numbers, which grow as this thread makes nodes)? Then no
+    head depends on a sample."""
+    heads = [t.grad_fn for _, d in declared for t in d.head if t.grad_fn is not None]
+    samples = [s["value"].grad_fn for s, _ in declared if s["value"].grad_fn is not None]
+    if not heads or not samples:
+        return True
+    return max(h._sequence_nr() for h in heads) < min(z._sequence_nr() for z in samples)
 
 
 def _declarations(trace, only=None):
@@ -330,6 +347,19 @@ class HeldRoles(Roles):
 
 _ROLES_CACHE: collections.OrderedDict = collections.OrderedDict()
 _ROLES_CACHE_SIZE = 16
+
+
+def clear_roles_cache() -> None:
+    """Forget every pair's cached parameter roles (:func:`parameter_roles`), and with them
+    what the roles' pass found about a guide's declared densities
+    (:class:`HeldRoles`). The cache is keyed by the pair, its registered parameters and
+    the structure of its arguments; call this after changing which parameters feed the
+    model or the guide in a way those do not show (a flag the pair reads, a patched
+    method), before the next estimator call. The estimators' own live checks refresh the
+    roles when a pass reaches a parameter without one, and check on every call that no
+    declared head reads a sample; a parameter moving from one side to the other under the
+    same key is not seen without this."""
+    _ROLES_CACHE.clear()
 
 
 def parameter_roles(model, guide, args, kwargs, traces=None, refresh=False) -> Roles:

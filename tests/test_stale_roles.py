@@ -147,3 +147,39 @@ def test_a_parameter_no_dependence_pass_finds_is_refused_not_dropped(xc):
     pair = TrainingOnly()
     with pytest.raises(ConfigError, match="reaches parameters"):
         _grads("iwae-dreg", pair, x, c)
+
+
+def test_clear_roles_cache_after_a_change_of_structure_the_key_does_not_show():
+    """A flag that makes the model use the guide's network changes the roles without
+    changing the pair, its registered tensors or its arguments: the cached roles stay until
+    ``clear_roles_cache``, after which the next call finds the new ones."""
+    import pyro.distributions as dist
+
+    from pyro_ladder import clear_roles_cache
+    from pyro_ladder._traces import parameter_roles
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(1, 1)
+    uses = {"model": False}
+
+    def model(x):
+        pyro.module("net", net)
+        with pyro.plate("data", len(x)):
+            loc = net(x[:, None]).squeeze(-1) if uses["model"] else torch.zeros_like(x)
+            z = pyro.sample("z", dist.Normal(loc, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        pyro.module("net", net)
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(net(x[:, None]).squeeze(-1), 1.0))
+
+    x = torch.randn(4)
+    names = {"net$$$weight", "net$$$bias"}
+    before = parameter_roles(model, guide, (x,), {})
+    assert set(before.guide_only) == names and not before.model
+    uses["model"] = True
+    assert parameter_roles(model, guide, (x,), {}) is before  # the key cannot tell
+    clear_roles_cache()
+    after = parameter_roles(model, guide, (x,), {})
+    assert not after.guide_only and set(after.model) == set(after.shared) == names
