@@ -52,8 +52,9 @@ class HeadDetached:
     guide's own parameters (the inference network's) enter its density only through the
     head. :func:`~pyro_ladder._traces.held_log_density` reads the declarations, where the
     pair's roles vouch for that (:class:`~pyro_ladder._traces.HeldRoles`: every latent
-    site declares one, and at detached samples no tensor only the guide depends on reaches
-    the declared densities).
+    site declares one, no head depends on a sample, and at detached samples no tensor only
+    the guide depends on reaches the declared densities) and the live trace's heads were
+    all made before its first sample.
     """
 
     __slots__ = ("prior", "head", "event_dims")
