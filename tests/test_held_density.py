@@ -62,6 +62,24 @@ def _same(a, b):
         assert torch.allclose(a[name], b[name], rtol=1e-9, atol=1e-12), name
 
 
+def _takes_the_pass(monkeypatch, case, truth=None):
+    """``case`` (``_step``'s arguments after ``on``) does not read the declarations, and
+    its gradients are those of the generic pass (``truth``, or computed): returns them."""
+    _, ours, used = _step(monkeypatch, True, *case)
+    if truth is None:
+        _, truth, _ = _step(monkeypatch, False, *case)
+    assert used == 0
+    _same(ours, truth)
+    return truth
+
+
+def _read_anyway(monkeypatch, case):
+    """The gradients of ``case`` where the declarations are read (the caller forced it)."""
+    _, wrong, used = _step(monkeypatch, True, *case)
+    assert used == 1
+    return wrong
+
+
 def _pairs():
     """(net, model, guide, args) of each kind of top-down ladder the library builds."""
     torch.manual_seed(4)
@@ -158,13 +176,9 @@ def test_prior_networks_only_the_guide_uses_are_not_held(monkeypatch):
             pyro.sample("x", vae.generative.observation(z1), obs=x)
 
     case = (vae, model, vae.guide, (x,), "iwae-dreg", {})
-    loss, ours, used = _step(monkeypatch, True, *case)
-    _, truth, _ = _step(monkeypatch, False, *case)
-    assert used == 0
-    _same(ours, truth)
+    truth = _takes_the_pass(monkeypatch, case)
     _forced(monkeypatch)
-    _, wrong, used = _step(monkeypatch, True, *case)
-    assert used == 1
+    wrong = _read_anyway(monkeypatch, case)
     prior = [n for n in truth if n.startswith("generative.priors")]
     assert prior and max((wrong[n] - truth[n]).abs().max() for n in prior) > 1e-3
 
@@ -233,18 +247,12 @@ def test_an_inference_parameter_that_reaches_the_prior_through_the_condition(mon
         vae.inference.guide(x, vae.generative, c * vae.inference.c_gain)
 
     case = (vae, vae.model, guide, (x, c), "iwae-dreg", {})
-    _, ours, used = _step(monkeypatch, True, *case)
-    _, truth, _ = _step(monkeypatch, False, *case)
-    assert used == 0
-    _same(ours, truth)
+    truth = _takes_the_pass(monkeypatch, case)
     _declared_anyway(monkeypatch)
-    _, ours, used = _step(monkeypatch, True, *case)
-    assert used == 0
-    _same(ours, truth)
+    _takes_the_pass(monkeypatch, case, truth)
     _declared_anyway(monkeypatch)
     _forced(monkeypatch)
-    _, wrong, used = _step(monkeypatch, True, *case)
-    assert used == 1
+    wrong = _read_anyway(monkeypatch, case)
     assert (wrong["inference.c_gain"] - truth["inference.c_gain"]).abs() > 1e-3
 
 
@@ -270,19 +278,13 @@ def test_a_head_that_reads_a_sample_is_not_detached(monkeypatch):
 
     for name, options in (("iwae-dreg", {}), ("rws-dreg", {"shared": "theta"})):
         case = (vae, vae.model, guide, (x,), name, options)
-        _, ours, used = _step(monkeypatch, True, *case)
-        _, truth, _ = _step(monkeypatch, False, *case)
-        assert used == 0
-        _same(ours, truth)
+        truth = _takes_the_pass(monkeypatch, case)
         # the roles' check alone refuses it too (the live trace's one switched off)
         monkeypatch.setattr("pyro_ladder._traces._heads_before_samples", lambda d: True)
-        _, alone, used = _step(monkeypatch, True, *case)
-        assert used == 0
-        _same(alone, truth)
+        _takes_the_pass(monkeypatch, case, truth)
         _forced(monkeypatch)  # neither the roles' check nor the live trace's
         monkeypatch.setattr("pyro_ladder._traces._heads_before_samples", lambda d: True)
-        _, wrong, used = _step(monkeypatch, True, *case)
-        assert used == 1
+        wrong = _read_anyway(monkeypatch, case)
         assert max((wrong[n] - truth[n]).abs().max() for n in truth) > 1e-3
 
 
@@ -310,13 +312,9 @@ def test_a_head_that_starts_reading_a_sample_after_the_roles_were_cached(monkeyp
     elbo_used = _step(monkeypatch, True, *case)[2]
     assert elbo_used == 1  # roles found and cached, the declarations vouched for
     feedback["on"] = True
-    _, ours, used = _step(monkeypatch, True, *case)
-    _, truth, _ = _step(monkeypatch, False, *case)
-    assert used == 0
-    _same(ours, truth)
+    truth = _takes_the_pass(monkeypatch, case)
     monkeypatch.setattr(_traces, "_heads_before_samples", lambda declared: True)
-    _, wrong, used = _step(monkeypatch, True, *case)
-    assert used == 1
+    wrong = _read_anyway(monkeypatch, case)
     assert max((wrong[n] - truth[n]).abs().max() for n in truth) > 1e-3
 
 
@@ -337,10 +335,7 @@ def test_a_site_without_a_declaration_takes_the_pass(monkeypatch):
 
     for net, model, g in ((vae, vae.model, guide), (bottom_up, bottom_up.model, bottom_up.guide)):
         case = (net, model, g, (x,), "iwae-dreg", {})
-        _, ours, used = _step(monkeypatch, True, *case)
-        _, truth, _ = _step(monkeypatch, False, *case)
-        assert used == 0
-        _same(ours, truth)
+        _takes_the_pass(monkeypatch, case)
 
 
 def test_expand_keeps_the_declaration():
