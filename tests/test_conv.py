@@ -14,7 +14,7 @@ SMALL = dict(image_shape=(12, 12), channels=(6, 8), latent_channels=(2, 3))
 WEIGHTED = (
     "iwae", "renyi", "iwae-dreg", "iwae-stl", "miwae", "ciwae", "piwae",
     "miwae-dreg", "piwae-dreg", "rws", "rws-dreg", "vimco",
-)
+)  # fmt: skip
 
 
 def _vae(inference="top-down", skip=True, dtype=torch.float64, **kw):
@@ -146,6 +146,19 @@ def test_sample_and_reconstruct_are_pixel_means():
     vae, x = _vae(), _x()
     for out, n in ((vae.sample(5), 5), (vae.reconstruct(x), 4)):
         assert out.shape == (n, 144) and ((out > 0) & (out < 1)).all()
+
+
+def test_bernoulli_likelihood_scores_with_the_librarys_bernoulli():
+    """The conv ladder's binary pixels go through likelihoods.Bernoulli: Pyro's density."""
+    from pyro_ladder.likelihoods import Bernoulli
+
+    vae, x = _vae(), _x()
+    _, model = _traces(vae, x)
+    fn = model.nodes["x"]["fn"]
+    assert type(fn.base_dist) is Bernoulli and fn.event_shape == (144,)
+    logits = fn.base_dist.logits
+    want = pyro.distributions.Bernoulli(logits=logits).to_event(1).log_prob(x)
+    assert torch.allclose(fn.log_prob(x), want, rtol=1e-13)
 
 
 def test_gaussian_likelihood_scores_grey_data():

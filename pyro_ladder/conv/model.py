@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import gaussian
-from ..likelihoods import BernoulliLikelihood, GaussianLikelihood
+from ..likelihoods import Bernoulli, BernoulliLikelihood, GaussianLikelihood
 from .blocks import ConvGaussianHead, Embed, Up, fold, resolutions
 from .config import ConvLadderConfig
 
@@ -65,7 +65,7 @@ class ConvLikelihood(nn.Module):
             t = t + h1
         y = fold(self.out, self.up(t)).flatten(-2)  # (..., 1 or 2, H * W)
         if y.shape[-2] == 1:
-            return dist.Bernoulli(logits=y[..., 0, :], validate_args=validate_args).to_event(1)
+            return Bernoulli(logits=y[..., 0, :], validate_args=validate_args).to_event(1)
         scale = (F.softplus(y[..., 1, :]) + self.var_floor).sqrt()
         return dist.Normal(y[..., 0, :], scale, validate_args=validate_args).to_event(1)
 
