@@ -18,6 +18,12 @@ Parameter names equal the library's ``state_dict`` keys, so
 drawn in the library's order (``z_L`` first, one ``normal_`` call per layer), so the same
 seed gives the same draws. ``tests/test_benchmarks.py`` checks losses and gradients agree.
 
+The Bernoulli log-likelihood is torch's ``-binary_cross_entropy_with_logits``, what a user
+writes. The library scores it with another formula, which vectorizes on a CPU
+(:class:`pyro_ladder.likelihoods.Bernoulli`); ``bernoulli="library"`` gives the reference
+that formula too, so that the library's own machinery can be measured apart from it
+(``python -m benchmarks --reference-bernoulli library``).
+
 DReG in one pass: write ``log w = log p(x, z) - log q(z | x)`` with the bottom-up heads
 *detached inside the density* of ``q`` while the samples ``z`` stay live. The heads hold
 every parameter of the inference network and none of the generative one, so for a
@@ -137,28 +143,52 @@ def _noise(like, shape):
     return torch.empty(shape, dtype=like.dtype, device=like.device).normal_()
 
 
+def _torch_bernoulli(logits, x):
+    return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
+
+
+def _library_bernoulli(logits, x):
+    from pyro_ladder.likelihoods import _BernoulliNLL
+
+    return -_BernoulliNLL.apply(logits, x)
+
+
+BERNOULLI = {"torch": _torch_bernoulli, "library": _library_bernoulli}  # log p(x | logits)
+
+
 class ReferenceLadder(nn.Module):
     """Plain-PyTorch top-down Ladder VAE with a Bernoulli likelihood.
 
     :param x_dim: pixels.
     :param latent_dims: sizes of ``z1 .. zL``.
     :param hidden_dims: MLP widths, one per layer.
+    :param bernoulli: ``"torch"`` (torch's log-density) or ``"library"`` (module docs).
     """
 
-    def __init__(self, x_dim, latent_dims, hidden_dims, batch_norm=True, slope=0.1, var_floor=1e-4):
+    def __init__(
+        self, x_dim, latent_dims, hidden_dims, batch_norm=True, slope=0.1, var_floor=1e-4,
+        bernoulli="torch",
+    ):  # fmt: skip
         super().__init__()
+        if bernoulli not in BERNOULLI:
+            raise ValueError(f"bernoulli must be one of {sorted(BERNOULLI)}, got {bernoulli!r}")
+        self.bernoulli = bernoulli
         args = (x_dim, tuple(latent_dims), tuple(hidden_dims), batch_norm, slope, var_floor)
         self.generative = _Generative(*args)
         self.inference = _Inference(*args)
         self.depth = len(latent_dims)
 
     @classmethod
-    def from_library(cls, vae) -> ReferenceLadder:
-        """A reference with the sizes and current weights of a library ``LadderVAE``."""
+    def from_library(cls, vae, bernoulli="torch") -> ReferenceLadder:
+        """A reference with the sizes and current weights of a library ``LadderVAE``;
+        ``bernoulli``: whose Bernoulli log-density (module docs)."""
         c = vae.config
         if c.inference != "top-down" or c.likelihood != "bernoulli":
             raise ValueError("the reference implements the top-down Bernoulli ladder only")
-        ref = cls(c.x_dim, c.latent_dims, c.hidden_dims, c.batch_norm, c.leaky_slope, c.var_floor)
+        ref = cls(
+            c.x_dim, c.latent_dims, c.hidden_dims, c.batch_norm, c.leaky_slope, c.var_floor,
+            bernoulli,
+        )  # fmt: skip
         ref.load_state_dict(vae.state_dict())
         p = next(vae.parameters())
         return ref.to(dtype=p.dtype, device=p.device).train(vae.training)
@@ -185,7 +215,7 @@ class ReferenceLadder(nn.Module):
             log_q = log_q + _normal_log_prob(z, *_merge(loc_p, scale_p, *dens[i - 1]))
             log_p = log_p + _normal_log_prob(z, loc_p, scale_p)
         logits = self.generative.likelihood(z)  # (..., B, x_dim)
-        log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
+        log_px = BERNOULLI[self.bernoulli](logits, x)  # (..., B, x_dim)
         return log_p + log_px.sum(-1), log_q
 
     def elbo_loss(self, x):

@@ -57,6 +57,7 @@ from pyro_ladder.optim import Adam  # noqa: E402
 SECTIONS = ("train", "eval", "scaling", "compiled")
 DEFAULT_SECTIONS = ("train", "eval", "scaling")
 DEVICE = torch.device("cpu")  # --device: where the networks and the data live
+REFERENCE_BERNOULLI = "torch"  # --reference-bernoulli: the reference's Bernoulli log-density
 TARGETS = {"elbo": 1.05, "iwae": 1.05, "iwae-dreg": 1.05, "eval": 1.00}  # issue 16
 COMPILED_TARGETS = {"ratio": 0.80, "ratio_compiled": 1.05}  # vs eager, vs compiled reference
 MEMORY_TARGET_MB = 2048
@@ -143,6 +144,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "command line set it (pyro_ladder.allocator; library and reference alike, one "
         "process); default: glibc's own thresholds, which return it and fault it in again",
     )
+    parser.add_argument(
+        "--reference-bernoulli",
+        choices=("torch", "library"),
+        default="torch",
+        help="the reference's Bernoulli log-density: torch's (default, what a user writes) "
+        "or the library's vectorized formula, to measure the library's machinery apart "
+        "from it (benchmarks/reference.py)",
+    )
     parser.add_argument("--data-dir", default=None, help="folder with binarized_mnist/")
     parser.add_argument("--out", default=None, help="JSON file to write")
     parser.add_argument("--seed", type=int, default=0)
@@ -171,8 +180,9 @@ def main(argv=None) -> dict:
             "command line ran in it); run the benchmark in a fresh process"
         )
     torch.set_num_threads(args.threads)
-    global DEVICE
+    global DEVICE, REFERENCE_BERNOULLI
     DEVICE = torch.device(args.device)
+    REFERENCE_BERNOULLI = args.reference_bernoulli
     size = dict(TINY if args.tiny else FULL)
     if args.repeats is not None:
         size["train_steps"] = args.repeats
@@ -194,6 +204,7 @@ def main(argv=None) -> dict:
 
 def _default_name(args) -> str:
     where = "" if args.device == "cpu" else f"-{args.device.replace(':', '')}"
+    where += "" if args.reference_bernoulli == "torch" else "-reference-library-bernoulli"
     return f"{'tiny' if args.tiny else 'paper-mnist'}-threads{args.threads}{where}.json"
 
 
@@ -223,7 +234,11 @@ def _pair(x_dim, latent, hidden, seed, batch_norm=True):
         "paper-mnist", x_dim, latent_dims=latent, hidden_dims=hidden, batch_norm=batch_norm
     )
     vae = LadderVAE.from_config(config)
-    return vae.to(DEVICE), ReferenceLadder.from_library(vae).to(DEVICE)
+    return vae.to(DEVICE), _reference(vae).to(DEVICE)
+
+
+def _reference(vae) -> ReferenceLadder:
+    return ReferenceLadder.from_library(vae, REFERENCE_BERNOULLI)
 
 
 def _interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
@@ -315,7 +330,7 @@ def _train_fns(vae, ref, estimator, k, x_of, detail):
             ref.iwae_loss(batch["x"], k).backward()
 
     fns["library_pyro_adam"] = lambda: pyro_svi.step(batch["x"])
-    ref_fused = ReferenceLadder.from_library(vae).to(DEVICE)
+    ref_fused = _reference(vae).to(DEVICE)
     opt_fused = torch.optim.Adam(ref_fused.parameters(), lr=1e-3, fused=True)
     fns["reference_fused"] = lambda: ref_fused.train_step(opt_fused, batch["x"], lib_name, k)
     if estimator != "jit-elbo":
@@ -522,7 +537,18 @@ def _memory_probe(which, vae, x, k, threads) -> dict:
     state = {k_: v.clone() for k_, v in vae.state_dict().items()}
     config = vae.config.to_dict()
     proc = ctx.Process(
-        target=_probe, args=(queue, which, config, state, x.clone(), k, threads, malloc_setting())
+        target=_probe,
+        args=(
+            queue,
+            which,
+            config,
+            state,
+            x.clone(),
+            k,
+            threads,
+            malloc_setting(),
+            REFERENCE_BERNOULLI,
+        ),
     )
     proc.start()
     result = queue.get()
@@ -530,13 +556,13 @@ def _memory_probe(which, vae, x, k, threads) -> dict:
     return result
 
 
-def _probe(queue, which, config, state, x, k, threads, malloc):
+def _probe(queue, which, config, state, x, k, threads, malloc, bernoulli):
     if malloc == "kept":  # as the parent process
         keep_freed_memory()
     torch.set_num_threads(threads)
     vae = LadderVAE(**config)
     vae.load_state_dict(state)
-    ref = ReferenceLadder.from_library(vae) if which == "reference" else None
+    ref = ReferenceLadder.from_library(vae, bernoulli) if which == "reference" else None
     before = _maxrss_mb()
     start = time.perf_counter()
     if ref is None:
@@ -681,7 +707,7 @@ def _compiled_row(data, size, args, estimator, k) -> dict:
     batch_norm = estimator != "iwae-dreg"  # as in _train_row
     x_dim = data["train"].shape[1]
     vae, ref = _pair(x_dim, size["latent"], size["hidden"], args.seed, batch_norm)
-    ref_c = ReferenceLadder.from_library(vae)  # its own copy: compiled graphs key on modules
+    ref_c = _reference(vae)  # its own copy: compiled graphs key on modules
     options = {"backend": args.compile_backend}
     if args.compile_mode is not None:
         options["mode"] = args.compile_mode
@@ -755,6 +781,7 @@ def _conditions(args, size, start: bool) -> dict:
         "sizes": size,
         "timing": "median over repeats, library and reference interleaved in one process",
         "malloc": malloc_setting(),
+        "reference_bernoulli": REFERENCE_BERNOULLI,
     }
 
 

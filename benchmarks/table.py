@@ -21,6 +21,8 @@ def conditions(c: dict) -> str:
     load += f"{c['load_average_end'][0]:.1f} at the end" if "load_average_end" in c else "?"
     malloc = {"kept": "glibc's malloc keeping freed memory", "default": "glibc's malloc defaults"}
     kept = f", {malloc[c['malloc']]}" if c.get("malloc") in malloc else ""
+    if c.get("reference_bernoulli") == "library":
+        kept += ", the reference given the library's Bernoulli log-density"
     return (
         f"`{c['command']}` on {c.get('device', 'cpu')} ({c.get('device_name') or c['machine']}, "
         f"{c['cpu_count']} cores), {c['threads']} torch thread(s), torch {c['torch']}, "

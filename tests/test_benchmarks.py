@@ -14,11 +14,11 @@ from benchmarks.reference import ReferenceLadder
 from pyro_ladder import ConfigError, LadderVAE, evaluate, make_elbo
 
 
-def _pair(dtype=torch.float64, **kwargs):
+def _pair(dtype=torch.float64, bernoulli="torch", **kwargs):
     torch.manual_seed(2)
     sizes = dict(x_dim=12, latent_dims=(5, 4, 3), hidden_dims=(16, 10, 8))
     vae = LadderVAE(**{**sizes, **kwargs}).to(dtype)
-    return vae, ReferenceLadder.from_library(vae)
+    return vae, ReferenceLadder.from_library(vae, bernoulli)
 
 
 def _x(n=9, d=12, dtype=torch.float64):
@@ -42,8 +42,9 @@ def _reference(ref, x, name, k):
 
 @pytest.mark.parametrize("name, k", [("elbo", 1), ("iwae", 5), ("iwae-dreg", 5)])
 @pytest.mark.parametrize("batch_norm", [True, False])
-def test_reference_has_the_library_loss_and_gradients(name, k, batch_norm):
-    vae, ref = _pair(batch_norm=batch_norm)
+@pytest.mark.parametrize("bernoulli", ["torch", "library"])  # whose Bernoulli log-density
+def test_reference_has_the_library_loss_and_gradients(name, k, batch_norm, bernoulli):
+    vae, ref = _pair(batch_norm=batch_norm, bernoulli=bernoulli)
     x = _x()
     if name == "iwae-dreg" and batch_norm:  # coupled particles: the library refuses
         with pytest.raises(ConfigError, match="training mode"):
@@ -90,8 +91,9 @@ def test_reference_training_step_keeps_the_library_weights_in_step():
         torch.testing.assert_close(value, ref.state_dict()[key], rtol=1e-7, atol=1e-7, msg=key)
 
 
-def test_reference_log_likelihood_equals_evaluate_on_the_same_draws():
-    vae, ref = _pair(batch_norm=True)
+@pytest.mark.parametrize("bernoulli", ["torch", "library"])
+def test_reference_log_likelihood_equals_evaluate_on_the_same_draws(bernoulli):
+    vae, ref = _pair(batch_norm=True, bernoulli=bernoulli)
     x = _x(n=6)
     pyro.set_rng_seed(11)
     lib = evaluate(vae.model, vae.guide, x, num_samples=40, batch_size=6, max_rows=60)
@@ -106,6 +108,19 @@ def test_reference_refuses_what_it_does_not_implement():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="top-down Bernoulli"):
         ReferenceLadder.from_library(LadderVAE(6, (2,), (4,), inference="bottom-up"))
+    with pytest.raises(ValueError, match="bernoulli must be one of"):
+        ReferenceLadder.from_library(LadderVAE(6, (2,), (4,)), bernoulli="fast")
+
+
+def test_runner_records_the_references_bernoulli(tmp_path):
+    out = tmp_path / "bench.json"
+    run.main(["--tiny", "--only", "eval", "--reference-bernoulli", "library", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["conditions"]["reference_bernoulli"] == "library"
+    assert saved["eval"]["reference_s"] > 0 and saved["eval"]["reference_peak_rss_mb"] > 0
+    assert run.REFERENCE_BERNOULLI == "library"
+    run.main(["--tiny", "--only", "eval", "--out", str(out)])  # the default again
+    assert json.loads(out.read_text())["conditions"]["reference_bernoulli"] == "torch"
 
 
 def test_runner_tiny_writes_every_part(tmp_path):
