@@ -176,3 +176,16 @@ def test_runner_refuses_a_cuda_device_it_does_not_have():
 def test_runner_rejects_unknown_parts():
     with pytest.raises(SystemExit):
         run.parse_args(["--only", "train,warp"])
+
+
+def test_bernoulli_benchmark_runs_and_compares_like_shapes(tmp_path):
+    from benchmarks import bernoulli
+
+    out = tmp_path / "bernoulli.json"
+    result = bernoulli.main(["--repeats", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["what"] for r in rows] == [*bernoulli.SHAPES, "elementwise, evaluation chunk"]
+    for row in rows[:-1]:
+        for key in ("forward", "forward_backward"):
+            assert row[f"torch_{key}_ms"] > 0 and row[f"library_{key}_ms"] > 0
+    assert result["threads"] == 1 and rows[-1]["log1p"] > 0
