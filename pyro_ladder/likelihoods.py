@@ -25,19 +25,25 @@ class Bernoulli(dist.Bernoulli):
     in [-40, 40], the largest float32 error is 5.4e-7, torch's own 4.8e-7). The gradient is
     ``sigmoid(l) - x`` per value, as torch's. Everything else (sampling, ``probs``,
     ``expand``, enumeration, the name in a rendered model) is Pyro's; a distribution built
-    from ``probs`` is scored as Pyro scores it. The tests compare density and gradients
-    with Pyro's in float64.
+    from ``probs`` is scored as Pyro scores it. Logits and values are scored in their
+    common dtype, at least float32 (half-precision logits under ``torch.autocast`` are
+    scored as torch's own scores them there, in float32). The tests compare density and
+    gradients with Pyro's in float64, and under autocast with torch's in bfloat16.
     """
 
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        if "logits" not in self.__dict__:  # built from probs: torch's own
+        logits = self.__dict__.get("logits")
+        if logits is None or logits is not self._param:  # built from probs: torch's own
             return super().log_prob(value)
-        logits = self.logits
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(value, dtype=logits.dtype, device=logits.device)
-        return -_BernoulliNLL.apply(logits, value)
+        # at least float32, as torch's own under autocast: in half precision 1 + exp(-|l|)
+        # rounds to 1 for every confident pixel (2**-9 in bfloat16), which would raise the
+        # log-likelihood by tenths of a nat per image
+        dtype = torch.promote_types(torch.result_type(logits, value), torch.float32)
+        return -_BernoulliNLL.apply(logits.to(dtype), value.to(dtype))
 
 
 class _BernoulliNLL(torch.autograd.Function):
