@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/run.py` puts only benchmarks/ on the path
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.reference import ReferenceLadder  # noqa: E402
+from benchmarks.reference import BERNOULLI, ReferenceLadder  # noqa: E402
 from pyro_ladder import LadderVAE, log_likelihood, make_elbo, preset  # noqa: E402
 from pyro_ladder.allocator import keep_freed_memory, malloc_setting  # noqa: E402
 from pyro_ladder.data import binarize, load_dataset  # noqa: E402
@@ -146,7 +146,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--reference-bernoulli",
-        choices=("torch", "library"),
+        choices=sorted(BERNOULLI),
         default="torch",
         help="the reference's Bernoulli log-density: torch's (default, what a user writes) "
         "or the library's vectorized formula, to measure the library's machinery apart "
