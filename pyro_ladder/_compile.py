@@ -62,6 +62,28 @@ def network_call(module: nn.Module, fn, *inputs):
         return compiled(*inputs)
 
 
+def eager_draws(options: dict) -> dict:
+    """``torch.compile`` keywords ``options`` with inductor's ``fallback_random`` on unless
+    they set it: the graph's random operations then run as torch's own, on its generator,
+    in the order the graph holds them (the eager order), instead of inductor's
+    counter-based generator. A ``mode`` becomes the inductor settings it stands for
+    (``torch.compile`` takes a mode or settings, not both); other backends draw with
+    torch's generator anyway and get ``options`` as they are."""
+    if options.get("backend", "inductor") != "inductor":
+        return dict(options)
+    out = {k: v for k, v in options.items() if k != "mode"}
+    mode = options.get("mode")
+    settings = {}
+    if mode and mode != "default":  # as torch.compile applies a mode
+        from torch._inductor import list_mode_options  # a heavy import, needed only here
+
+        settings.update(list_mode_options(mode, options.get("dynamic")))
+    settings.update(options.get("options") or {})
+    settings.setdefault("fallback_random", True)
+    out["options"] = settings
+    return out
+
+
 @contextlib.contextmanager
 def validation_kept():
     """torch.distributions' argument validation as it was after the block: dynamo's first

@@ -260,28 +260,32 @@ def test_fit_with_compile_trains_as_eager_warm_up_included():
         torch.testing.assert_close(runs[1][1][key], value, rtol=1e-10, atol=1e-10, msg=key)
 
 
-def test_inductor_computes_the_eager_step():
-    """The compiled graph (inductor's kernels) with torch's generator for the draws
-    (fallback_random; by default inductor draws from its own): the eager loss, gradients
-    and batch-norm statistics to float32 rounding (the gradients to 1e-6 of the largest
-    entry of any: the biases in front of batch norm have a zero gradient, rounding noise
-    of 1e-7, which inductor's reordered sums change by 1e-6)."""
-    import torch._inductor.config
-
+def _inductor_runs(options):
+    """Loss, gradients and buffers of the eager ``iwae`` step, then of the compiling and
+    a compiled call of ``compile=options``, each from the same state and seed."""
     torch.manual_seed(0)
     vae = LadderVAE(10, (3, 2), (8, 6))  # float32, batch norm
     state = {k: v.clone() for k, v in vae.state_dict().items()}
-    elbo = make_elbo("iwae", 3, compile=True)
+    elbo = make_elbo("iwae", 3, compile=options)
     results = []
     for e in (make_elbo("iwae", 3), elbo, elbo):  # the compiling call, then a compiled one
         vae.load_state_dict(state)
         vae.zero_grad(set_to_none=True)
         pyro.set_rng_seed(9)
-        with torch._inductor.config.patch(fallback_random=True):
-            loss = e.loss_and_grads(vae.model, vae.guide, _batches(1)[0].float())
+        loss = e.loss_and_grads(vae.model, vae.guide, _batches(1)[0].float())
         grads = {n: p.grad.clone() for n, p in vae.named_parameters()}
         results.append((loss, grads, {n: b.clone() for n, b in vae.named_buffers()}))
-    (loss, grads, buffers), *compiled = results
+    return results
+
+
+def test_inductor_computes_the_eager_step_on_the_eager_draws():
+    """The compiled graph (inductor's kernels) draws what the eager step draws, by
+    default: the eager loss, gradients and batch-norm statistics to float32 rounding (the
+    gradients to 1e-6 of the largest entry of any: the biases in front of batch norm have
+    a zero gradient, rounding noise of 1e-7, which inductor's reordered sums change by
+    1e-6). With inductor's own generator (``fallback_random`` off) the draws, and so the
+    loss, differ: it is the default that makes them the eager ones."""
+    (loss, grads, buffers), *compiled = _inductor_runs(True)
     for c_loss, c_grads, c_buffers in compiled:
         assert c_loss == pytest.approx(loss, rel=1e-5)
         scale = max(g.abs().max().item() for g in grads.values())
@@ -289,6 +293,33 @@ def test_inductor_computes_the_eager_step():
             torch.testing.assert_close(c_grads[key], g, rtol=1e-4, atol=1e-6 * scale, msg=key)
         for key, b in buffers.items():
             torch.testing.assert_close(c_buffers[key], b, rtol=1e-5, atol=1e-6, msg=key)
+    (loss, _, _), *compiled = _inductor_runs({"options": {"fallback_random": False}})
+    for c_loss, _, _ in compiled:
+        assert abs(c_loss - loss) > 1e-3 * abs(loss)
+
+
+def test_compile_options_keep_the_eager_draws_unless_told_otherwise():
+    """``eager_draws``: inductor's ``fallback_random`` on by default, a mode turned into
+    the settings torch.compile gives it (torch.compile takes one or the other), a user's
+    setting kept, other backends untouched."""
+    from torch._inductor import list_mode_options
+
+    from pyro_ladder._compile import eager_draws
+
+    assert eager_draws({}) == {"options": {"fallback_random": True}}
+    assert eager_draws({"mode": "default"}) == {"options": {"fallback_random": True}}
+    mode = "max-autotune-no-cudagraphs"
+    assert eager_draws({"mode": mode, "fullgraph": True}) == {
+        "fullgraph": True,
+        "options": {**list_mode_options(mode), "fallback_random": True},
+    }
+    told = {"options": {"fallback_random": False, "max_autotune": True}}
+    assert eager_draws(told) == told
+    assert eager_draws({"backend": "eager"}) == {"backend": "eager"}
+    assert eager_draws({"backend": "aot_eager", "mode": None}) == {
+        "backend": "aot_eager",
+        "mode": None,
+    }
 
 
 def test_handlers_around_the_call_are_part_of_the_key():
