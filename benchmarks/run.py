@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/run.py` puts only benchmarks
 
 from benchmarks.reference import BERNOULLI, ReferenceLadder  # noqa: E402
 from pyro_ladder import LadderVAE, log_likelihood, make_elbo, preset  # noqa: E402
+from pyro_ladder._compile import eager_draws  # noqa: E402
 from pyro_ladder.allocator import keep_freed_memory, malloc_setting  # noqa: E402
 from pyro_ladder.data import binarize, load_dataset  # noqa: E402
 from pyro_ladder.optim import Adam  # noqa: E402
@@ -693,8 +694,10 @@ def run_compiled(data, size, args) -> list:
             "library_eager_ms",
             "reference_ms",
             "reference_compiled_ms",
+            "reference_compiled_eager_draws_ms",
             "ratio",
             "ratio_compiled",
+            "ratio_compiled_eager_draws",
             "library_compile_s",
             "reference_compile_s",
             "pays_off_after",
@@ -717,6 +720,13 @@ def _compiled_row(data, size, args, estimator, k) -> dict:
     opt_c = torch.optim.Adam(ref_c.parameters(), lr=1e-3)
     ref_step = torch.compile(ref_c.train_step, **options)
     x_of, batch = _Batches(data["train"], size["batch"]), {}
+    # like for like: the reference compiled with the library's setting for random numbers
+    # (torch's generator, eager_draws); the row above is the reference compiled as written
+    like = eager_draws(options)
+    if like != options:
+        ref_d = _reference(vae)
+        opt_d = torch.optim.Adam(ref_d.parameters(), lr=1e-3)
+        ref_d_step = torch.compile(ref_d.train_step, **like)
 
     def lib():
         batch["x"] = x_of()
@@ -728,9 +738,11 @@ def _compiled_row(data, size, args, estimator, k) -> dict:
         "reference": lambda: ref.train_step(opt, batch["x"], estimator, k),
         "reference_compiled": lambda: ref_step(opt_c, batch["x"], estimator, k),
     }
+    if like != options:
+        fns["reference_compiled_eager_draws"] = lambda: ref_d_step(opt_d, batch["x"], estimator, k)
     first = {}
     with _quiet_jit():
-        for name in ("library", "reference_compiled"):  # the first calls compile
+        for name in [n for n in fns if n not in ("library_eager", "reference")]:  # compile
             start = time.perf_counter()
             fns[name]()
             if DEVICE.type == "cuda":
@@ -739,7 +751,7 @@ def _compiled_row(data, size, args, estimator, k) -> dict:
         t = _interleaved(fns, size["train_steps"], warmup=2)
     lib_compile = first["library"] - t["library"]
     saved = t["library_eager"] - t["library"]
-    return {
+    row = {
         "estimator": estimator,
         "particles": k,
         "backend": args.compile_backend,
@@ -751,6 +763,9 @@ def _compiled_row(data, size, args, estimator, k) -> dict:
         "reference_compile_s": first["reference_compiled"] - t["reference_compiled"],
         "pays_off_after": math.ceil(lib_compile / saved) if saved > 0 else None,
     }
+    if "reference_compiled_eager_draws" in fns:
+        row["ratio_compiled_eager_draws"] = t["library"] / t["reference_compiled_eager_draws"]
+    return row
 
 
 PARTS = {"train": run_train, "eval": run_eval, "scaling": run_scaling, "compiled": run_compiled}
@@ -807,6 +822,14 @@ def _targets(results) -> list:
                 COMPILED_TARGETS["ratio_compiled"],
             )
         )
+        if "ratio_compiled_eager_draws" in row:
+            checks.append(
+                (
+                    label + " / compiled reference, torch's generator",
+                    row["ratio_compiled_eager_draws"],
+                    COMPILED_TARGETS["ratio_compiled"],
+                )
+            )
     ev = results.get("eval")
     if ev:
         checks.append((f"eval K={ev['samples']} time", ev["ratio"], ev["target"]))

@@ -91,6 +91,17 @@ def rows(results: dict) -> list[list[str]]:
                 cpu=False,
             )
         )
+        if "reference_compiled_eager_draws_ms" in r:  # the reference drawing as the library
+            out.append(
+                _row(
+                    what + ", against the compiled reference drawing with torch's generator",
+                    r,
+                    "library_ms",
+                    "reference_compiled_eager_draws_ms",
+                    1.05,
+                    cpu=False,
+                )
+            )
         pays = r["pays_off_after"]
         out.append(
             [
