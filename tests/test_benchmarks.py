@@ -189,3 +189,49 @@ def test_bernoulli_benchmark_runs_and_compares_like_shapes(tmp_path):
         for key in ("forward", "forward_backward"):
             assert row[f"torch_{key}_ms"] > 0 and row[f"library_{key}_ms"] > 0
     assert result["threads"] == 1 and rows[-1]["log1p"] > 0
+
+
+@pytest.mark.parametrize("name,k", [("elbo", 1), ("iwae", 3)])
+def test_floor_records_every_matrix_product_of_the_step(name, k):
+    """The floor's recording against a count of its own: forward hooks on every ``Linear``
+    of the reference see each call's rows; each call is one product forward, one for the
+    weight's gradient and one for the input's, unless the input (the data) takes none.
+    The recorded products' floating-point operations must equal that sum."""
+    from benchmarks import floor
+
+    _, ref = _pair(dtype=torch.float32)
+    x = _x(d=12, dtype=torch.float32)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+    ref.train_step(opt, x, name, k)
+    expected = []
+
+    def hook(module, inputs, output):
+        h = inputs[0]
+        rows = h.numel() // h.shape[-1]
+        per_product = 2 * rows * module.in_features * module.out_features
+        expected.append(per_product * (3 if h.requires_grad else 2))
+
+    handles = [
+        m.register_forward_hook(hook) for m in ref.modules() if isinstance(m, torch.nn.Linear)
+    ]
+    try:
+        with floor._Products() as recorder:
+            ref.train_step(opt, x, name, k)
+    finally:
+        for handle in handles:
+            handle.remove()
+    recorded = sum(floor._flops(func, spec) for func, spec, _ in recorder.calls)
+    assert len(expected) > 10 and recorded == sum(expected)
+    products = floor._replay(recorder.calls)
+    products()  # the replay runs the same layouts
+
+
+def test_floor_benchmark_runs(tmp_path):
+    from benchmarks import floor
+
+    out = tmp_path / "floor.json"
+    result = floor.main(["--tiny", "--repeats", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["estimator"] for r in rows] == ["elbo", "iwae", "iwae-dreg"]
+    assert all(r["products"] > 0 and 0 < r["floor_ms"] for r in rows)
+    assert result["threads"] == 1
