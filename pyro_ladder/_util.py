@@ -42,22 +42,34 @@ def eval_mode(*modules: nn.Module):
 
 
 @contextlib.contextmanager
+def before_each_forward(visit: Callable[[nn.Module], None]):
+    """``visit(module)`` just before the forward of every module called inside the block
+    (``module(x)``, which runs forward hooks; any thread), through a global forward
+    pre-hook removed when the block ends. For what must reach networks a pair of plain
+    functions holds in closures, which nothing can name beforehand."""
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda m, _inputs: visit(m))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
 def eval_as_met():
     """Every module whose forward runs inside the block runs in evaluation mode (set just
     before its forward; each one's mode restored after the block): networks a pair of
     plain functions holds in closures included, which :func:`eval_mode` cannot name."""
     modes: dict = {}  # id -> (module, its mode)
 
-    def met(module, _inputs):
+    def met(module):
         if id(module) not in modes:
             modes[id(module)] = (module, module.training)
             module.training = False
 
-    handle = nn.modules.module.register_module_forward_pre_hook(met)
     try:
-        yield
+        with before_each_forward(met):
+            yield
     finally:
-        handle.remove()
         for module, mode in modes.values():
             module.training = mode
 
@@ -85,8 +97,8 @@ def kept_buffers(*fns):
         ]
         saved[id(module)] = (module, own)
 
-    def met(module, _inputs):  # before a module's forward: its own buffers (each submodule
-        # that runs is met in turn)
+    def met(module):  # before a module's forward: its own buffers (each submodule that
+        # runs is met in turn)
         keep(module)
         if id(module) not in ran_ids:
             ran_ids.add(id(module))
@@ -95,11 +107,10 @@ def kept_buffers(*fns):
     for module in modules_of(*fns):
         for sub in module.modules():
             keep(sub)
-    handle = nn.modules.module.register_module_forward_pre_hook(met)
     try:
-        yield ran
+        with before_each_forward(met):
+            yield ran
     finally:
-        handle.remove()
         with torch.no_grad():
             for module, buffers in saved.values():
                 for name, buffer, copy in buffers:
@@ -169,18 +180,17 @@ def held_statistics(*fns):
         elif _keeps_statistics(module):  # a layer of the user's own with running statistics
             swap(module)
 
-    def met(module, _inputs):
+    def met(module):
         if threading.get_ident() == thread:
             visit(module)
 
-    handle = nn.modules.module.register_module_forward_pre_hook(met)
     try:
-        for owner in modules_of(*fns):
-            for module in owner.modules():
-                visit(module)
-        yield
+        with before_each_forward(met):
+            for owner in modules_of(*fns):
+                for module in owner.modules():
+                    visit(module)
+            yield
     finally:
-        handle.remove()
         failed = None
         for module, momentum, count, own in held.values():
             try:  # every layer is put back, whatever one of them raises

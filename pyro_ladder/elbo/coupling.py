@@ -55,7 +55,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._traces import latent_sites, per_datapoint
-from .._util import modules_of
+from .._util import before_each_forward, modules_of
 from ..errors import ConfigError
 
 _FIXES = (
@@ -110,11 +110,8 @@ def modules_run():
     """Inside the block, every ``nn.Module`` whose forward runs is appended to the yielded
     list (a global forward pre-hook), plain functions' networks included."""
     ran: list[nn.Module] = []
-    handle = nn.modules.module.register_module_forward_pre_hook(lambda m, _: ran.append(m))
-    try:
+    with before_each_forward(ran.append):
         yield ran
-    finally:
-        handle.remove()
 
 
 def check_discrete_own_particle(estimator: str, draws, ran=()) -> None:
