@@ -159,6 +159,7 @@ def fit(
     svi = SVI(model, guide, optim, loss_fn)
     run = _Run(svi, data, options, args, kwargs, checkpoint, checkpoint_every)
     run.device, run.sync_every = device, sync_every
+    run.compiling = _compiles(compile)
     if resume is not None:
         run.restore(resume, epochs)
     return run.train(epochs, monitor, progress, callback, tensorboard)
@@ -182,6 +183,7 @@ class _Run:
         self.device, self.sync_every = data.device, 10
         self.pending = []  # (step, loss as a tensor or a float, rows) not yet read
         self.resumed = False
+        self.compiling = False  # the next step compiles (compile=True): say so while it runs
 
     def train(self, epochs, monitor, progress, callback, tensorboard) -> list[dict]:
         bar = tqdm(total=epochs * self.steps, disable=not progress, unit="step")
@@ -217,9 +219,15 @@ class _Run:
         while self.step < self.steps:
             rows = order[self.step * batch_size : (self.step + 1) * batch_size]
             batch = placement.to_device(x[rows], self.device)  # (B, ...)
+            if self.compiling:
+                log.info("compiling the training step: the first step takes a while, once")
+                bar.set_postfix_str("compiling the step (the first step only)")
             self.pending.append((self.step + 1, self._step(weight, batch), len(rows)))
             self.step += 1
             bar.update(1)
+            if self.compiling:
+                self.compiling = False
+                bar.set_postfix(epoch=self.epoch + 1)
             if self.step % self.sync_every == 0:
                 self._sync()
                 bar.set_postfix(epoch=self.epoch + 1, loss=f"{self.total / self.seen:.2f}")
@@ -378,6 +386,14 @@ def _check_resumed_names(svi, args, kwargs) -> None:
             "pyro_ladder.checkpoint.load_training_checkpoint, which keeps the saved name, or "
             "set vae.pyro_name to the saved one before fit. Nothing was trained"
         )
+
+
+def _compiles(compile) -> bool:
+    """Does ``fit``'s ``compile`` compile at the first step (not: off, or the captured
+    graph run uncompiled)?"""
+    if compile is False or compile == "capture":
+        return False
+    return not (isinstance(compile, dict) and compile.get("backend") == "eager")
 
 
 def _summary_writer(log_dir):

@@ -8,6 +8,7 @@ parameter store). Most tests run the captured graph uncompiled (``backend="eager
 is the graph inductor compiles; one compiles it with inductor.
 """
 
+import logging
 import warnings
 
 import pyro
@@ -258,6 +259,23 @@ def test_fit_with_compile_trains_as_eager_warm_up_included():
     assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-10)
     for key, value in runs[0][1].items():
         torch.testing.assert_close(runs[1][1][key], value, rtol=1e-10, atol=1e-10, msg=key)
+
+
+def test_fit_says_once_that_its_first_step_compiles(caplog):
+    """A compiling first step (half a minute on the paper network) is announced, in the log
+    and the progress bar, once; settings that compile nothing are not announced."""
+    from pyro_ladder.train import _compiles
+
+    vae = _ladder()
+    with caplog.at_level(logging.INFO, logger="pyro_ladder.train"):
+        fit(
+            vae.model, vae.guide, _batches(1, rows=16)[0], elbo="elbo", epochs=2,
+            batch_size=8, compile={"backend": "aot_eager"}, progress=False, seed=0,
+        )  # fmt: skip
+    told = [r for r in caplog.records if "compiling the training step" in r.getMessage()]
+    assert len(told) == 1
+    assert all(_compiles(c) for c in (True, "step", "networks", {"mode": "default"}))
+    assert not any(_compiles(c) for c in (False, "capture", EAGER))
 
 
 def _inductor_runs(options):
