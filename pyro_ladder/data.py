@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from pyro_ladder.errors import DataError
+from pyro_ladder.likelihoods import is_binary
 
 logger = logging.getLogger(__name__)
 
@@ -425,7 +426,7 @@ def _check_split(dataset: str, split: str, x: torch.Tensor, source: object, kind
     if not bool(torch.isfinite(x).all()):
         raise DataError(f"{where} holds NaN or infinite values; re-download or fix the file")
     if kind == "binary":
-        if not bool(((x == 0) | (x == 1)).all()):
+        if not is_binary(x):
             raise DataError(f"{where} holds values other than 0 and 1; re-download the file")
     elif not bool(((x >= 0) & (x <= 1)).all()):
         raise DataError(f"{where} holds values outside [0, 1]; re-download or fix the file")

@@ -10,6 +10,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import torch
 
+from . import likelihoods
 from ._util import atomic_write
 
 
@@ -77,7 +78,7 @@ def _fit_title(fig, ax, title: str) -> None:
 def is_binary(images: torch.Tensor) -> bool:
     """Whether every value of ``images`` (any shape) is exactly 0 or 1: binary data, which
     :func:`image_grid` draws as ink on paper by default."""
-    return bool(((images == 0) | (images == 1)).all())
+    return likelihoods.is_binary(images)
 
 
 def _label_rows(ax, row_labels: list[str] | None, h: int) -> None:

@@ -133,6 +133,37 @@ def test_bernoulli_model_rejects_non_binary_data():
         vae.model(torch.full((3, 4), 0.5))
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.uint8,
+              torch.int8, torch.int64, torch.bool]
+)  # fmt: skip
+def test_is_binary_agrees_with_comparing_each_value_to_0_and_1(dtype):
+    """The data check's one-pass test against the plain comparison, value by value, on the
+    values where a formula could slip: NaN, infinities, subnormals, the neighbours of 0
+    and 1, -0, the largest values, and every value of the small integer types."""
+    from pyro_ladder.likelihoods import is_binary
+
+    if dtype.is_floating_point:
+        info = torch.finfo(dtype)
+        one = torch.tensor(1.0, dtype=dtype)
+        near_one = [torch.nextafter(one, one * 2).item(), torch.nextafter(one, one * 0).item()]
+        values = [0.0, -0.0, 1.0, 0.5, 2.0, -1.0, float("nan"), float("inf"), -float("inf"),
+                  info.tiny, info.tiny * info.eps, -info.tiny, info.max, -info.max, info.eps,
+                  *near_one]  # fmt: skip
+        candidates = torch.tensor(values, dtype=dtype)
+    elif dtype == torch.bool:
+        candidates = torch.tensor([False, True])
+    elif dtype in (torch.uint8, torch.int8):
+        info = torch.iinfo(dtype)
+        candidates = torch.arange(info.min, info.max + 1).to(dtype)
+    else:
+        candidates = torch.tensor([0, 1, -1, 2, 2**32, 2**32 + 1, 2**62, -(2**63)], dtype=dtype)
+    for value in candidates:
+        for x in (value.reshape(1), torch.stack([candidates.new_zeros(()), value]).expand(3, 2)):
+            truth = bool(((x == 0) | (x == 1)).all())
+            assert is_binary(x) == truth, (dtype, value)
+
+
 def test_model_rejects_wrong_number_of_features():
     vae = LadderVAE(4, (2,), (8,))
     with pytest.raises(DataError, match="x_dim=4"):
