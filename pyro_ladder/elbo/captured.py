@@ -54,11 +54,15 @@ arithmetic of one call; whatever Python decided during that call is fixed in it.
 * Every parameter the loss reaches gets its gradient, registered with Pyro or not, as
   ``loss_and_grads`` gives it; under ``torch.no_grad`` the estimator runs as it is.
 
-**Random numbers.** The compiled step draws what the eager step draws: the graph's
-random operations run as torch's own, on torch's generator in the eager order (inductor's
-``fallback_random``, set by :func:`~pyro_ladder._compile.eager_draws`), so a seeded run
-with ``compile=True`` follows the eager run's trajectory to float rounding, and
-``pyro.set_rng_seed`` makes it repeat (a resumed run included). It is also the faster
+**Random numbers.** The compiled step draws what the eager step draws for Gaussian
+latents (the ladders'): the graph's random operations run as torch's own, on torch's
+generator in the eager order (inductor's ``fallback_random``, set by
+:func:`~pyro_ladder._compile.eager_draws`), so a seeded run with ``compile=True`` follows
+the eager run's trajectory to float rounding, and ``pyro.set_rng_seed`` makes it repeat
+(a resumed run included). Discrete sites of a user's pair are the exception: inductor
+rewrites a Bernoulli draw as a uniform compared with ``p``, other draws in float64 (exact
+Bernoulli draws all the same), and ``vimco`` over discrete sites moves torch's generator
+differently from the eager step, captured or compiled. It is also the faster
 choice on a CPU, where inductor's own counter-based generator draws one value at a time
 (profiled, an ``iwae`` K = 5 step of the paper network at one thread: the fused kernels
 holding its draws took 6.1 ms, the same kernels without them 1.8 ms, torch's draws 0.4 ms).
