@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
 import statistics
 import time
 
 import torch
 
+from benchmarks import _report
 from benchmarks.reference import BERNOULLI
 from pyro_ladder.likelihoods import Bernoulli
 
@@ -91,22 +90,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, help="JSON file to write")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = {
-        "command": "python -m benchmarks.bernoulli " + " ".join(argv or []),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "load_average_start": os.getloadavg(),
-        "rows": _rows(args.repeats),
-    }
-    result["load_average_end"] = os.getloadavg()
-    for row in result["rows"]:
-        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()})
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-    return result
+    result = _report.header("benchmarks.bernoulli", argv, args.threads)
+    result["rows"] = _rows(args.repeats)
+    return _report.finish(result, args.out, digits=2)
 
 
 if __name__ == "__main__":

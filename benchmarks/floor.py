@@ -17,14 +17,12 @@ The data are random binary images (the arithmetic's cost does not depend on them
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks import run
+from benchmarks import _report, run
 
 _aten = torch.ops.aten
 PRODUCTS = (_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default)
@@ -114,25 +112,14 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     size = dict(run.TINY if args.tiny else run.FULL)
     size["x_dim"] = 64 if args.tiny else 784  # the runner's data sets: digits, MNIST
-    result = {
-        "command": "python -m benchmarks.floor " + " ".join(argv or []),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "network": {"latent_dims": size["latent"], "hidden_dims": size["hidden"]},
-        "batch": size["batch"],
-        "load_average_start": os.getloadavg(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "rows": [_row(size, name, k or size["particles"], args.repeats) for name, k in ESTIMATORS],
-    }
-    result["load_average_end"] = os.getloadavg()
-    for row in result["rows"]:
-        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-    return result
+    result = _report.header("benchmarks.floor", argv, args.threads)
+    result.update(
+        network={"latent_dims": size["latent"], "hidden_dims": size["hidden"]},
+        batch=size["batch"],
+        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        rows=[_row(size, name, k or size["particles"], args.repeats) for name, k in ESTIMATORS],
+    )
+    return _report.finish(result, args.out, digits=3)
 
 
 if __name__ == "__main__":
