@@ -20,7 +20,7 @@ from . import device as placement
 from ._util import rng_state, set_rng_state, without_side_effects
 from .allocator import keep_freed_memory
 from .data import binarize as binarize_pixels
-from .elbo import make_elbo
+from .elbo import _compile_kind, make_elbo
 from .errors import ConfigError, TrainingError
 from .evaluate import evaluate
 from .freebits import FreeBits
@@ -390,10 +390,9 @@ def _check_resumed_names(svi, args, kwargs) -> None:
 
 def _compiles(compile) -> bool:
     """Does ``fit``'s ``compile`` compile at the first step (not: off, or the captured
-    graph run uncompiled)?"""
-    if compile is False or compile == "capture":
-        return False
-    return not (isinstance(compile, dict) and compile.get("backend") == "eager")
+    graph run uncompiled)? As ``make_elbo`` reads it."""
+    kind = _compile_kind("elbo", compile)
+    return kind is not None and kind[1].get("backend") != "eager"
 
 
 def _summary_writer(log_dir):
