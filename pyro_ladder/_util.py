@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-import pyro.util
 import torch
 from torch import nn
 
@@ -233,13 +232,14 @@ def _put_back(module, momentum, count, own) -> None:
 
 @contextlib.contextmanager
 def preserved_state(*fns):
-    """:func:`kept_buffers`, and the random state (torch, Python, NumPy) as it was."""
-    rng = pyro.util.get_rng_state()
+    """:func:`kept_buffers`, and the random state (torch, Python, NumPy, CUDA once in use:
+    :func:`rng_state`) as it was."""
+    rng = rng_state()
     try:
         with kept_buffers(*fns):
             yield
     finally:
-        pyro.util.set_rng_state(rng)
+        set_rng_state(rng)
 
 
 @contextlib.contextmanager

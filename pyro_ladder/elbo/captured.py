@@ -61,8 +61,7 @@ generator in the eager order (inductor's ``fallback_random``, set by
 the eager run's trajectory to float rounding, and ``pyro.set_rng_seed`` makes it repeat
 (a resumed run included). Discrete sites of a user's pair are the exception: inductor
 rewrites a Bernoulli draw as a uniform compared with ``p``, other draws in float64 (exact
-Bernoulli draws all the same), and ``vimco`` over discrete sites moves torch's generator
-differently from the eager step, captured or compiled. It is also the faster
+Bernoulli draws all the same). It is also the faster
 choice on a CPU, where inductor's own counter-based generator draws one value at a time
 (profiled, an ``iwae`` K = 5 step of the paper network at one thread: the fused kernels
 holding its draws took 6.1 ms, the same kernels without them 1.8 ms, torch's draws 0.4 ms).

@@ -99,7 +99,7 @@ from .._traces import (
     site_kl,
     weight_layout,
 )
-from .._util import held_statistics
+from .._util import held_statistics, rng_state, set_rng_state
 from ..errors import ConfigError
 from .coupling import (
     check_discrete_own_particle,
@@ -301,6 +301,10 @@ class WeightedELBO(ScopedELBO, ELBO):
         probed = self.__dict__.setdefault("_probed", set())
         if key in probed:
             return
+        # the probes leave the generators as they were (the discrete one may draw): a
+        # fresh estimator, as a resumed run or a captured step builds, draws what the
+        # probed one draws
+        state = rng_state()
         try:
             check_own_sample_only(
                 self._name(), draws.log_w, draws.guide_trace, draws.latents,
@@ -310,6 +314,8 @@ class WeightedELBO(ScopedELBO, ELBO):
         except ConfigError:
             self.check_pair(model, guide)  # names the batch norm layer, if that is the cause
             raise
+        finally:
+            set_rng_state(state)
         probed.add(key)
 
     def _name(self) -> str:
