@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/run.py` puts only benchmarks/ on the path
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import _report  # noqa: E402
 from benchmarks.reference import BERNOULLI, ReferenceLadder  # noqa: E402
 from pyro_ladder import LadderVAE, log_likelihood, make_elbo, preset  # noqa: E402
 from pyro_ladder._compile import eager_draws  # noqa: E402
@@ -785,7 +786,7 @@ def _conditions(args, size, start: bool) -> dict:
         "threads": args.threads,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
-        "processor": platform.processor(),
+        **_report.cpu(args.threads),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "pyro": pyro.__version__,

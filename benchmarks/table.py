@@ -23,9 +23,13 @@ def conditions(c: dict) -> str:
     kept = f", {malloc[c['malloc']]}" if c.get("malloc") in malloc else ""
     if c.get("reference_bernoulli") == "library":
         kept += ", the reference given the library's Bernoulli log-density"
+    cpu = ""
+    if "cpu_name" in c:  # recorded since the second machine (older files lack it)
+        cpu = f"{c['cpu_name']} with {c['cpu_capability']}, "
+        cpu += f"{c['gemm_gflops']:.0f} GFLOP/s in float32 products at that thread count, "
     return (
         f"`{c['command']}` on {c.get('device', 'cpu')} ({c.get('device_name') or c['machine']}, "
-        f"{c['cpu_count']} cores), {c['threads']} torch thread(s), torch {c['torch']}, "
+        f"{cpu}{c['cpu_count']} cores), {c['threads']} torch thread(s), torch {c['torch']}, "
         f"Pyro {c['pyro']}{kept}, {c['started']}; {load}."
     )
 

@@ -141,7 +141,9 @@ def test_runner_tiny_writes_every_part(tmp_path):
     assert [r["depth"] for r in scaling["step_vs_depth"]] == [1, 2]
     assert scaling["memory_vs_images"][0]["library_peak_rss_mb"] > 0
     assert {t["what"] for t in results["targets"]} >= {"elbo step (K=1)", "eval K=20 time"}
-    assert saved["conditions"]["device"] == "cpu" and saved["conditions"]["torch"]
+    c = saved["conditions"]
+    assert c["device"] == "cpu" and c["torch"]
+    assert c["cpu_name"] and c["cpu_capability"] and c["gemm_gflops"] > 0  # which CPU, how fast
     # the page's table is made from this JSON by one command, between its markers
     page = tmp_path / "performance.md"
     page.write_text(
@@ -154,6 +156,7 @@ def test_runner_tiny_writes_every_part(tmp_path):
     first = steps[0]
     assert f"| training step, `elbo` | {first['library_ms']:.1f} ms | " in text
     assert "1 torch thread(s)" in text and "load average" in text
+    assert f"{c['cpu_name']} with {c['cpu_capability']}, " in text and " GFLOP/s in float32" in text
 
 
 @pytest.mark.slow
